@@ -1,0 +1,589 @@
+"""The adapter protocol and the shared hook engine that drops visual tokens inside any transformers 5.x VLM.
+
+Design (shared/ADAPTERS.md §3): score anywhere, drop in only two kinds of places, because transformers checks that
+the number of image features equals the number of placeholder tokens before it scatters them:
+
+- at the LLM entry (a forward pre-hook on ``model.model.language_model``) for the ``encoder``, ``projector`` and
+  ``llm:0`` points: ``inputs_embeds``, ``position_ids`` and the 2-D mask are gathered;
+- at the input of decoder layer K (a pre-hook on ``layers[K]``) for ``llm:K``: the hidden states, ``(cos, sin)``,
+  ``position_ids`` and a mask built for the shorter cache of layers >= K;
+- after prefill, for ``decode:K`` KV policies: the cache of layers >= K is compacted in place.
+
+Survivors keep their original position ids, so RoPE (and Qwen's M-RoPE) sees what the unpruned model saw, and
+``generate`` keeps producing decode positions in original coordinates. The 2-D mask grows in original coordinates
+too; each decode step translates it into the coordinates of every pruned group of layers. Different kept counts per
+sample are padded on the left with masked filler rows, exactly like left padding.
+
+A family adapter (one file per family) only says where its modules are, which token ids are visual, how the visual
+tokens of a prompt split into images with their grids, and how to capture features at the encoder and projector
+points. Everything else lives here, so pruners work unchanged on every family.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vtprune.kernels import attention_rows, compact_sequence, gather_tokens
+from vtprune.state import CallStats, ImageTokens, PruneContext, Selection, Stage, StageStats
+
+logger = logging.getLogger("vtprune")
+
+
+@dataclass
+class ImageLayout:
+    """Where one image's tokens sit in the prompt.
+
+    Attributes:
+        sample: batch row.
+        index_in_sample: order of the image within its prompt.
+        positions: (n,) positions of its tokens in the original sequence, in the order the model scattered them.
+        grid: (rows, cols) token grid, or None.
+    """
+
+    sample: int
+    index_in_sample: int
+    positions: Tensor
+    grid: tuple[int, int] | None
+
+
+@dataclass
+class _Group:
+    """Decoder layers [start, next group's start) share one kept sequence.
+
+    index/valid: (B, M) positions into the original sequence of the rows these layers hold (fillers: valid False).
+    """
+
+    start: int
+    index: Tensor
+    valid: Tensor
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+    identity: bool = False
+
+    def inverse(self, length: int) -> Tensor:
+        """(B, length) original position -> row in this group's sequence, -1 where dropped."""
+        rows = torch.arange(self.index.shape[1], device=self.index.device).expand_as(self.index)
+        rows = torch.where(self.valid, rows, torch.full_like(rows, -1))
+        inv = torch.full((self.index.shape[0], length), -1, dtype=torch.long, device=self.index.device)
+        # amax so that filler rows (which point at position 0 with -1) never overwrite a real entry.
+        return inv.scatter_reduce(1, self.index, rows, reduce="amax")
+
+    def translate_mask(self, mask2d: Tensor, orig_len: int) -> Tensor:
+        """Map a 2-D mask in original coordinates (prompt + generated) to this group's rows."""
+        prompt = mask2d[:, :orig_len].gather(1, self.index) * self.valid.to(mask2d.dtype)
+        return torch.cat((prompt, mask2d[:, orig_len:]), dim=1)
+
+
+@dataclass
+class _CallState:
+    visual_mask: Tensor  # (B, L) bool
+    orig_len: int
+    images: list[ImageLayout]
+    kept: list[Tensor]  # per image: indices into its original tokens still present
+    prefill_stages: list[Stage]
+    decode_stages: list[Stage]
+    groups: list[_Group] = field(default_factory=list)
+    mask2d: Tensor | None = None  # (B, L) original prefill mask
+    decode_mask2d: Tensor | None = None  # this decode step's mask in original coordinates
+    phase: str = "prefill"
+    probe_inputs: dict[int, tuple[Tensor, tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    stats: CallStats = field(default_factory=CallStats)
+
+
+def _kwarg_cache(kwargs: dict[str, Any]) -> Any:
+    # transformers 5.24 renamed past_key_values -> cache.
+    return kwargs.get("cache", kwargs.get("past_key_values"))
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _sync_timing(device: torch.device) -> None:
+    if device.type == "cuda" and os.environ.get("VTPRUNE_SYNC_TIMING") == "1":
+        torch.cuda.synchronize(device)
+
+
+class Adapter:
+    """Base class of every family adapter; subclasses fill in the family-specific methods at the bottom."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    points: ClassVar[tuple[str, ...]] = ("encoder", "projector", "llm", "decode")
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.inner = getattr(model, "model", None)
+        if self.inner is None or not hasattr(self.inner, "language_model"):
+            raise ValueError(
+                f"{type(model).__name__} does not look like a transformers 5.x vision-language model (no "
+                "model.model.language_model). Pass the ...ForConditionalGeneration model."
+            )
+        self.language_model = self.inner.language_model
+        self.layers = self.language_model.layers
+        self.text_config = self.language_model.config
+        self.num_layers = len(self.layers)
+        self.visual_ids = torch.tensor(self.visual_token_ids(), dtype=torch.long)
+        self.pruner: Any = None
+        self.state: _CallState | None = None
+        self.last_stats: CallStats | None = None
+        self.captured: dict[str, Tensor] = {}
+        self._handles: list[Any] = []
+        self._warned: set[str] = set()
+
+    # ----------------------------------------------------------------------------------------------- install
+    def install(self, pruner: Any) -> None:
+        """Attach the hooks a pruner's plan needs. ``pruner`` has ``plan(num_layers)`` and ``select(ctx)``."""
+        plan = pruner.plan(self.num_layers)
+        for stage in plan:
+            if stage.point not in self.points:
+                raise ValueError(
+                    f"{type(self).__name__} has no '{stage.point}' insertion point; it has {list(self.points)}."
+                )
+            if not 0 <= stage.layer < self.num_layers:
+                raise ValueError(
+                    f"Stage {stage.point}:{stage.layer} names a decoder layer outside 0..{self.num_layers - 1}."
+                )
+        self.pruner = pruner
+        self.plan = plan
+        self._prefill_plan = sorted((s for s in plan if s.point != "decode"), key=lambda s: s.layer)
+        self._decode_plan = sorted((s for s in plan if s.point == "decode"), key=lambda s: s.layer)
+        if self._decode_plan and self._prefill_plan and self._decode_plan[0].layer < self._prefill_plan[-1].layer:
+            raise ValueError("A decode-time KV policy must act at or after the last prefill drop layer.")
+
+        add = self._handles.append
+        add(self.model.register_forward_pre_hook(self._on_top_forward, with_kwargs=True))
+        add(self.inner.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
+        add(self.language_model.register_forward_pre_hook(self._on_llm_entry, with_kwargs=True))
+        for i, layer in enumerate(self.layers):
+            add(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+        for stage in self._prefill_plan:
+            if stage.point == "llm" and stage.layer > 0:
+                attn = self.layers[stage.layer - 1].self_attn
+                add(attn.register_forward_pre_hook(self._make_probe_capture(stage.layer - 1), with_kwargs=True))
+        for point in {s.point for s in plan if s.point in ("encoder", "projector")}:
+            add(self.capture_hook(point, self._store_capture(point)))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.state = None
+        self.captured.clear()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+    def _store_capture(self, point: str) -> Callable[[Tensor], None]:
+        def store(features: Tensor) -> None:
+            self.captured[point] = features
+
+        return store
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def _on_top_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if kwargs.get("labels") is not None and self.pruner.config.keep < 1.0:
+            raise ValueError(
+                "labels= cannot go through a pruned model: the logits are shorter than the labels. Score a "
+                "continuation with out.logits[:, -(n_cont + 1):-1] (negative indexing) instead; see README."
+            )
+
+    def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = _kwarg_cache(kwargs)
+        past = cache.get_seq_length() if cache is not None else 0
+        seq_len = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
+        if past > 0:
+            if seq_len > 1 and self.state is not None:
+                raise ValueError(
+                    "vtprune got a multi-token forward on a non-empty cache (chunked prefill, assisted decoding or a "
+                    "continued conversation). Start from an empty cache, or unwrap the model for this call."
+                )
+            return
+        self.state = None
+        if input_ids is None:
+            self._warn_once("embeds", "vtprune: called with inputs_embeds and no input_ids; running unpruned.")
+            return
+        visual_mask = torch.isin(input_ids, self.visual_ids.to(input_ids.device))
+        if not bool(visual_mask.any()):
+            self._warn_once("noimage", "vtprune: prompt without image tokens; running unpruned.")
+            return
+        images = self.image_layout(input_ids, visual_mask)
+        self.state = _CallState(
+            visual_mask=visual_mask,
+            orig_len=input_ids.shape[1],
+            images=images,
+            kept=[torch.arange(im.positions.numel(), device=input_ids.device) for im in images],
+            prefill_stages=list(self._prefill_plan),
+            decode_stages=list(self._decode_plan),
+        )
+        self.state.stats.image_sample = [im.sample for im in images]
+        self.state.stats.image_tokens = [im.positions.numel() for im in images]
+
+    def _on_llm_entry(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        st = self.state
+        if st is None:
+            self.captured.clear()
+            return None
+        embeds = kwargs["inputs_embeds"]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and (isinstance(mask, dict) or mask.dim() != 2):
+            raise ValueError(
+                "vtprune needs a 2-D attention mask (or None) at the LLM entry; got a pre-built mask. Static caches "
+                "and torch.compile'd generation are not supported: use the default DynamicCache."
+            )
+        cache = _kwarg_cache(kwargs)
+        if cache is not None and not hasattr(cache, "layers"):
+            raise ValueError("vtprune needs a transformers DynamicCache; got " + type(cache).__name__ + ".")
+        if st.phase == "prefill":
+            return self._prefill_entry(st, args, kwargs, embeds, mask, cache)
+        return self._decode_entry(st, args, kwargs, embeds, mask, cache)
+
+    def _prefill_entry(self, st: _CallState, args, kwargs, embeds, mask, cache):
+        batch, length = embeds.shape[:2]
+        if length != st.orig_len:
+            raise RuntimeError(f"vtprune: LLM input has {length} tokens, the prompt had {st.orig_len}.")
+        st.mask2d = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            # Exactly what the LM would build itself (arange + cache length), made explicit so it can be gathered.
+            position_ids = torch.arange(length, device=embeds.device).expand(batch, length)
+        kwargs["position_ids"] = position_ids
+        identity = torch.arange(length, device=embeds.device).expand(batch, length)
+        base = _Group(0, identity, torch.ones_like(identity, dtype=torch.bool), identity=True)
+        st.groups = [base]
+        entry = [s for s in st.prefill_stages if s.layer == 0]
+        st.prefill_stages = [s for s in st.prefill_stages if s.layer > 0]
+        for stage in entry:
+            features = self._entry_features(st, stage, embeds)
+            ctx = self._context(st, stage, base, features=features, hidden=embeds if stage.point == "llm" else None)
+            selection, seconds = self._select(ctx)
+            group = self._apply(st, stage, ctx, selection, seconds, base)
+            packed = compact_sequence(
+                group.index, group.valid, hidden_states=embeds, position_ids=position_ids,
+                attention_mask=st.mask2d, position_dim=-1,
+            )
+            embeds, position_ids = packed.hidden_states, packed.position_ids
+            embeds = self._write_values(st, ctx, selection, group, embeds, stage.point)
+            st.groups = [group]
+            base = group
+            kwargs["attention_mask"] = packed.attention_mask
+        self.captured.clear()
+        kwargs["inputs_embeds"] = embeds
+        kwargs["position_ids"] = position_ids
+        st.phase = "prefill-llm"
+        self._finish_stats(st)
+        return args, kwargs
+
+    def _decode_entry(self, st: _CallState, args, kwargs, embeds, mask, cache):
+        if st.phase == "prefill-llm":
+            st.phase = "decode"
+            if st.decode_stages:
+                self._apply_decode_policies(st, cache)
+        batch, q_len = embeds.shape[:2]
+        group0 = st.groups[0]
+        held = cache.get_seq_length() if cache is not None else 0
+        generated = held - group0.index.shape[1]
+        total = st.orig_len + generated + q_len
+        if mask is None:
+            mask = torch.ones(batch, total, dtype=torch.long, device=embeds.device)
+        if mask.shape[1] != total:
+            raise RuntimeError(
+                f"vtprune: decode mask has {mask.shape[1]} columns, expected {total} in original coordinates."
+            )
+        st.decode_mask2d = mask
+        if kwargs.get("position_ids") is None:
+            start = st.orig_len + generated
+            kwargs["position_ids"] = (torch.arange(q_len, device=embeds.device) + start).expand(batch, q_len)
+        if not group0.identity:
+            kwargs["attention_mask"] = group0.translate_mask(mask, st.orig_len)
+        return args, kwargs
+
+    def _make_layer_hook(self, layer_idx: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            st = self.state
+            if st is None or st.phase == "prefill":
+                return None
+            if st.phase == "prefill-llm" and st.prefill_stages and st.prefill_stages[0].layer == layer_idx:
+                return self._prefill_layer(st, layer_idx, args, kwargs)
+            group = self._group_of(st, layer_idx)
+            if group.start == 0:
+                return None
+            if group.start == layer_idx and st.phase == "decode":
+                hidden = args[0] if args else kwargs["hidden_states"]
+                mask2d = group.translate_mask(st.decode_mask2d, st.orig_len)
+                group.layer_kwargs = {
+                    "attention_mask": self._layer_masks(group, hidden, mask2d, _kwarg_cache(kwargs),
+                                                        kwargs.get("position_ids"))
+                }
+            return self._replace_layer_kwargs(group, layer_idx, args, kwargs)
+
+        return hook
+
+    def _prefill_layer(self, st: _CallState, layer_idx: int, args: tuple, kwargs: dict):
+        stage = st.prefill_stages.pop(0)
+        hidden = args[0] if args else kwargs["hidden_states"]
+        current = self._group_of(st, layer_idx)
+        ctx = self._context(st, stage, current, features=None, hidden=hidden)
+        selection, seconds = self._select(ctx)
+        group = self._apply(st, stage, ctx, selection, seconds, current)
+        rows = current.inverse(st.orig_len).gather(1, group.index).clamp(min=0)
+        packed = compact_sequence(rows, group.valid, hidden_states=hidden, position_ids=kwargs.get("position_ids"))
+        hidden = self._write_values(st, ctx, selection, group, packed.hidden_states, "llm")
+        cos, sin = kwargs["position_embeddings"]
+        cos, sin = (gather_tokens(t.expand(hidden.shape[0], *t.shape[1:]), rows) for t in (cos, sin))
+        mask2d = group.translate_mask(st.mask2d, st.orig_len)
+        cache = _kwarg_cache(kwargs)
+        group.layer_kwargs = {
+            "attention_mask": self._layer_masks(group, hidden, mask2d, cache, packed.position_ids),
+            "position_embeddings": (cos, sin),
+            "position_ids": packed.position_ids,
+        }
+        st.groups.append(group)
+        self._finish_stats(st)
+        if args:
+            args = (hidden,) + tuple(args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        return self._replace_layer_kwargs(group, layer_idx, args, kwargs)
+
+    def _replace_layer_kwargs(self, group: _Group, layer_idx: int, args: tuple, kwargs: dict):
+        for key, value in group.layer_kwargs.items():
+            if key == "attention_mask":
+                value = value[self._layer_type(layer_idx)]
+            kwargs[key] = value
+        return args, kwargs
+
+    def _make_probe_capture(self, layer_idx: int) -> Callable:
+        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            st = self.state
+            if st is not None and st.phase == "prefill-llm":
+                hidden = args[0] if args else kwargs["hidden_states"]
+                st.probe_inputs[layer_idx] = (hidden, kwargs["position_embeddings"])
+
+        return capture
+
+    # -------------------------------------------------------------------------------------------- machinery
+    def _group_of(self, st: _CallState, layer_idx: int) -> _Group:
+        found = st.groups[0]
+        for group in st.groups:
+            if group.start <= layer_idx:
+                found = group
+        return found
+
+    def _layer_type(self, layer_idx: int) -> str:
+        types = getattr(self.text_config, "layer_types", None)
+        return types[layer_idx] if types else "full_attention"
+
+    def _layer_masks(self, group: _Group, hidden: Tensor, mask2d: Tensor, cache: Any, position_ids: Tensor | None):
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        masks = {}
+        end = self._group_end(group)
+        for layer_idx in range(group.start, end):
+            kind = self._layer_type(layer_idx)
+            if kind in masks:
+                continue
+            build = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+            masks[kind] = build(self.text_config, hidden, mask2d, cache, position_ids, layer_idx=layer_idx)
+        return masks
+
+    def _group_end(self, group: _Group) -> int:
+        later = [g.start for g in (self.state.groups if self.state else []) if g.start > group.start]
+        return min(later) if later else self.num_layers
+
+    def _entry_features(self, st: _CallState, stage: Stage, embeds: Tensor) -> list[Tensor] | None:
+        if stage.point == "llm":
+            return None
+        captured = self.captured.get(stage.point)
+        if captured is None:
+            raise RuntimeError(
+                f"vtprune: no {stage.point} features were captured for this prompt. Pass pixel_values (not "
+                "precomputed image features) so the vision tower runs under the hooks."
+            )
+        per_image = self.split_captured(stage.point, captured)
+        if len(per_image) != len(st.images) or any(
+            f.shape[0] != im.positions.numel() for f, im in zip(per_image, st.images, strict=False)
+        ):
+            raise RuntimeError(
+                f"vtprune: captured {len(per_image)} images of {stage.point} features that do not match the "
+                f"{len(st.images)} images of image tokens in the prompt."
+            )
+        return per_image
+
+    def _context(self, st: _CallState, stage: Stage, current: _Group, features, hidden) -> PruneContext:
+        from vtprune.budget import kept_count
+
+        inverse = current.inverse(st.orig_len)
+        images = []
+        for j, layout in enumerate(st.images):
+            kept = st.kept[j]
+            positions = inverse[layout.sample, layout.positions[kept]]
+            if features is not None:
+                feats = features[j][kept]
+            elif hidden is not None:
+                feats = hidden[layout.sample, positions]
+            else:
+                feats = None
+            images.append(
+                ImageTokens(
+                    sample=layout.sample,
+                    index_in_sample=layout.index_in_sample,
+                    grid=layout.grid,
+                    original_indices=kept,
+                    positions=positions if stage.point in ("llm", "decode") else None,
+                    features=feats,
+                    budget=min(kept.numel(), kept_count(stage.fraction, layout.positions.numel())),
+                )
+            )
+        cur_mask = current.translate_mask(st.mask2d, st.orig_len)
+        text = ~st.visual_mask & st.mask2d.bool()
+        text_positions = [inverse[b][text[b]] for b in range(st.visual_mask.shape[0])]
+        rows = None
+        if stage.point == "llm" and stage.layer > 0:
+            rows = self._probe(st, stage.layer - 1, cur_mask)
+        return PruneContext(
+            point=stage.point,
+            layer=stage.layer,
+            num_layers=self.num_layers,
+            images=images,
+            hidden_states=hidden,
+            attention_mask=cur_mask,
+            text_positions=text_positions,
+            attention_rows=rows,
+        )
+
+    def _probe(self, st: _CallState, layer_idx: int, key_mask: Tensor) -> Callable[[Tensor], Tensor]:
+        def rows(query_positions: Tensor) -> Tensor:
+            """(B, Q) query rows of the current sequence -> (B, Q, L) head-mean attention of layer K-1."""
+            hidden, (cos, sin) = st.probe_inputs[layer_idx]
+            attn = self.layers[layer_idx].self_attn
+            batch, length = hidden.shape[:2]
+            cos = cos.expand(batch, *cos.shape[1:])
+            sin = sin.expand(batch, *sin.shape[1:])
+            q = attn.q_proj(gather_tokens(hidden, query_positions))
+            q = q.view(batch, query_positions.shape[1], -1, attn.head_dim)
+            if hasattr(attn, "q_norm"):
+                q = attn.q_norm(q)
+            q = q.transpose(1, 2)
+            qc, qs = gather_tokens(cos, query_positions)[:, None], gather_tokens(sin, query_positions)[:, None]
+            q = q * qc + _rotate_half(q) * qs
+            k = attn.k_proj(hidden).view(batch, length, -1, attn.head_dim)
+            if hasattr(attn, "k_norm"):
+                k = attn.k_norm(k)
+            k = k.transpose(1, 2)
+            k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
+            return attention_rows(q, k, query_positions, key_mask, attn.scaling)
+
+        return rows
+
+    def _select(self, ctx: PruneContext) -> tuple[Selection, float]:
+        _sync_timing(ctx.device)
+        started = time.perf_counter()
+        with torch.no_grad():
+            selection = self.pruner.select(ctx)
+        _sync_timing(ctx.device)
+        seconds = time.perf_counter() - started
+        if len(selection.keep) != len(ctx.images):
+            raise RuntimeError(
+                f"{type(self.pruner).__name__}.select returned {len(selection.keep)} keep lists for "
+                f"{len(ctx.images)} images."
+            )
+        return selection, seconds
+
+    def _apply(self, st, stage: Stage, ctx: PruneContext, selection: Selection, seconds: float, current: _Group):
+        """Record the selection and build the group of rows the following layers hold."""
+        alive = current.inverse(st.orig_len) >= 0
+        kept_now = []
+        for j, (layout, image) in enumerate(zip(st.images, ctx.images, strict=True)):
+            local = selection.keep[j].to(image.original_indices.device)
+            order = torch.argsort(local)
+            local = local[order]
+            if selection.values is not None and selection.values[j] is not None:
+                selection.values[j] = selection.values[j][order]
+            selection.keep[j] = local
+            dropped = layout.positions[st.kept[j]]
+            alive[layout.sample, dropped] = False
+            st.kept[j] = st.kept[j][local]
+            alive[layout.sample, layout.positions[st.kept[j]]] = True
+            kept_now.append(st.kept[j])
+        st.stats.stages.append(StageStats(stage.point, stage.layer, kept_now, seconds))
+        length = alive.shape[1]
+        key = torch.where(alive, torch.arange(length, device=alive.device), torch.full_like(alive, -1, dtype=torch.long))
+        width = int(alive.sum(1).max())
+        index = key.sort(dim=1).values[:, -width:]
+        valid = index >= 0
+        return _Group(stage.layer, index.clamp(min=0), valid)
+
+    def _write_values(self, st, ctx: PruneContext, selection: Selection, group: _Group, hidden: Tensor, point: str):
+        if selection.values is None:
+            return hidden
+        inverse = group.inverse(st.orig_len)
+        hidden = hidden.clone()
+        for j, layout in enumerate(st.images):
+            values = selection.values[j]
+            if values is None:
+                continue
+            if point == "encoder":
+                values = self.project(values)
+            rows = inverse[layout.sample, layout.positions[st.kept[j]]]
+            hidden[layout.sample, rows] = values.to(hidden.dtype)
+        return hidden
+
+    def _apply_decode_policies(self, st: _CallState, cache: Any) -> None:
+        if cache is None:
+            raise ValueError("A decode-time KV policy needs use_cache=True.")
+        for stage in st.decode_stages:
+            current = self._group_of(st, stage.layer)
+            ctx = self._context(st, stage, current, features=None, hidden=None)
+            ctx.cache = cache
+            selection, seconds = self._select(ctx)
+            group = self._apply(st, stage, ctx, selection, seconds, current)
+            rows = current.inverse(st.orig_len).gather(1, group.index).clamp(min=0)
+            layers = cache.layers[stage.layer:]
+            packed = compact_sequence(rows, group.valid, cache=[(lay.keys, lay.values) for lay in layers])
+            for lay, (keys, values) in zip(layers, packed.cache, strict=True):
+                lay.keys, lay.values = keys, values
+            st.groups = [g for g in st.groups if g.start != stage.layer] + [group]
+            st.groups.sort(key=lambda g: g.start)
+        st.decode_stages = []
+        self._finish_stats(st)
+
+    def _finish_stats(self, st: _CallState) -> None:
+        counts = []
+        for layer_idx in range(self.num_layers):
+            group = self._group_of(st, layer_idx)
+            visual = st.visual_mask.gather(1, group.index) & group.valid
+            counts.append(visual.sum(1))
+        st.stats.tokens_per_layer = torch.stack(counts, dim=1)
+        self.last_stats = st.stats
+
+    # ------------------------------------------------------------------------------ family-specific methods
+    def visual_token_ids(self) -> list[int]:
+        """Token ids of the visual placeholders (image and video)."""
+        raise NotImplementedError
+
+    def image_layout(self, input_ids: Tensor, visual_mask: Tensor) -> list[ImageLayout]:
+        """Split the visual tokens of a batch into images, batch-major, in the order the model scatters them."""
+        raise NotImplementedError
+
+    def capture_hook(self, point: str, store: Callable[[Tensor], None]) -> Any:
+        """Register a hook that calls ``store(features)`` with the features at ``point``; return its handle."""
+        raise NotImplementedError
+
+    def split_captured(self, point: str, features: Tensor) -> list[Tensor]:
+        """Per-image (n, C) features from what ``capture_hook`` stored."""
+        raise NotImplementedError
+
+    def project(self, encoder_features: Tensor) -> Tensor:
+        """Map (n, C_vis) encoder features to the LLM's embedding space, for values written at the encoder point."""
+        raise NotImplementedError

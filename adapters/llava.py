@@ -1,0 +1,60 @@
+"""LLaVA-1.5 (``model_type == "llava"``): CLIP ViT -> 2-layer MLP projector -> Llama/Vicuna (or Mistral).
+
+Each image becomes one contiguous run of ``(image_size / patch_size)^2`` placeholder tokens (576 for 336 px / 14),
+the CLS token dropped by the "default" feature strategy, in raster order on a square grid. The projector is
+token-wise, so dropping before or after it keeps the same tokens (shared/ADAPTERS.md §2.1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtprune.adapters.base import Adapter, ImageLayout
+from vtprune.registry import register_adapter
+
+
+@register_adapter("llava")
+class LlavaAdapter(Adapter):
+    def visual_token_ids(self) -> list[int]:
+        return [int(self.model.config.image_token_id)]
+
+    def tokens_per_image(self) -> int:
+        vision = self.model.config.vision_config
+        count = (vision.image_size // vision.patch_size) ** 2
+        if self.model.config.vision_feature_select_strategy == "full":
+            count += 1
+        return count
+
+    def image_layout(self, input_ids: Tensor, visual_mask: Tensor) -> list[ImageLayout]:
+        per_image = self.tokens_per_image()
+        side = math.isqrt(per_image)
+        grid = (side, side) if side * side == per_image else None
+        layouts = []
+        for sample in range(input_ids.shape[0]):
+            positions = visual_mask[sample].nonzero().squeeze(1)
+            if positions.numel() % per_image:
+                raise ValueError(
+                    f"Sample {sample} has {positions.numel()} image tokens, not a multiple of the {per_image} tokens "
+                    "one LLaVA image produces. Build the prompt with the model's processor."
+                )
+            for index, chunk in enumerate(positions.split(per_image)):
+                layouts.append(ImageLayout(sample, index, chunk, grid))
+        return layouts
+
+    def capture_hook(self, point: str, store: Callable[[Tensor], None]) -> Any:
+        projector = self.inner.multi_modal_projector
+        if point == "encoder":
+            return projector.register_forward_pre_hook(lambda module, args: store(args[0]))
+        return projector.register_forward_hook(lambda module, args, output: store(output))
+
+    def split_captured(self, point: str, features: Tensor) -> list[Tensor]:
+        return list(features.reshape(-1, self.tokens_per_image(), features.shape[-1]).unbind(0))
+
+    def project(self, encoder_features: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.inner.multi_modal_projector(encoder_features[None])[0]

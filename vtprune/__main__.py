@@ -1,0 +1,3 @@
+from vtprune.cli import main
+
+raise SystemExit(main())

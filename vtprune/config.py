@@ -1,0 +1,108 @@
+"""Pruner configuration: frozen, typed dataclasses that validate themselves and round-trip through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+CONFIG_VERSION = 1
+BUDGETS = ("input", "average")
+_WHERE = re.compile(r"^(encoder|projector|llm:(\d+)|decode:(\d+))$")
+
+
+def parse_where(where: str) -> tuple[str, int]:
+    """Split an insertion point into (stage, layer): "projector" -> ("projector", 0), "llm:2" -> ("llm", 2)."""
+    match = _WHERE.match(where) if isinstance(where, str) else None
+    if match is None:
+        raise ValueError(
+            f"Invalid insertion point {where!r}. Use 'encoder', 'projector', 'llm:K' (prune at the input of decoder "
+            "layer K) or 'decode:K' (evict visual entries of the KV cache of layers >= K after prefill)."
+        )
+    if match.group(2) is not None:
+        return "llm", int(match.group(2))
+    if match.group(3) is not None:
+        return "decode", int(match.group(3))
+    return match.group(1), 0
+
+
+@dataclass(frozen=True)
+class PrunerConfig:
+    """Options every method shares. Subclasses add their own fields, each typed and documented.
+
+    Attributes:
+        keep: fraction of visual tokens kept per image, in (0, 1].
+        budget: "input" counts the visual tokens right after the (first) drop; "average" counts the mean number of
+            visual tokens over all LLM layers (the convention of the FastV/PDrop/ApET tables).
+    """
+
+    method: ClassVar[str] = ""
+    keep: float = 1.0
+    budget: str = "input"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
+            raise TypeError(f"keep must be a number in (0, 1], got {type(self.keep).__name__}.")
+        if not 0.0 < float(self.keep) <= 1.0:
+            raise ValueError(
+                f"keep={self.keep} is outside (0, 1]. keep is the fraction of visual tokens kept, "
+                "e.g. keep=0.11 keeps about 64 of 576."
+            )
+        if self.budget not in BUDGETS:
+            raise ValueError(f"budget={self.budget!r} is not one of {list(BUDGETS)}.")
+
+    def replace(self, **changes: Any) -> PrunerConfig:
+        return type(self).from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"method": self.method, "version": CONFIG_VERSION, **body}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrunerConfig:
+        data = dict(data)
+        method = data.pop("method", cls.method)
+        version = data.pop("version", CONFIG_VERSION)
+        if version > CONFIG_VERSION:
+            raise ValueError(
+                f"This config was written by a newer vtprune (config version {version} > {CONFIG_VERSION}); "
+                "upgrade vtprune to read it."
+            )
+        if cls.method and method != cls.method:
+            raise ValueError(f"Config is for method '{method}', not '{cls.method}'.")
+        check_options(cls, data)
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @staticmethod
+    def load(path: str | Path) -> PrunerConfig:
+        """Read a config saved with ``save``; the method named inside picks the config class."""
+        from vtprune.registry import get_pruner_class
+
+        data = json.loads(Path(path).read_text())
+        if "method" not in data:
+            raise ValueError(f"{path} has no 'method' key; it was not written by PrunerConfig.save.")
+        return get_pruner_class(data["method"]).config_cls.from_dict(data)
+
+
+def check_options(config_cls: type, options: dict[str, Any]) -> None:
+    """Raise a ValueError naming any option the method does not take, with the ones it does."""
+    import difflib
+
+    known = [f.name for f in dataclasses.fields(config_cls)]
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ValueError(
+                f"Method '{config_cls.method}' does not take the option '{name}'. Its options: {known}.{hint}"
+            )
+
+
+def where_field(default: str = "projector") -> Any:
+    return field(default=default, metadata={"help": "insertion point: encoder | projector | llm:K | decode:K"})

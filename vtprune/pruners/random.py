@@ -1,0 +1,54 @@
+"""Random visual-token dropping: the floor every method must beat.
+
+Not from a paper; the control used in most token-pruning studies. Each image keeps a uniformly random subset of its
+tokens. The draw is seeded per image by (seed, index of the image within its prompt), so a prompt gives the same
+selection alone or inside any batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vtprune.config import PrunerConfig, parse_where
+from vtprune.pruners.base import Pruner, single_stage_plan
+from vtprune.registry import register_pruner
+from vtprune.state import PruneContext, Selection, Stage
+
+
+@dataclass(frozen=True)
+class RandomConfig(PrunerConfig):
+    """Attributes:
+    where: insertion point: "encoder", "projector", "llm:K" or "decode:K".
+    seed: base seed of the per-image draws.
+    """
+
+    method = "random"
+    where: str = "projector"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_where(self.where)
+        if not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}.")
+
+
+@register_pruner("random")
+class RandomPruner(Pruner):
+    config_cls = RandomConfig
+    paper = "baseline (seeded uniform random subset)"
+    status = "baseline"
+    points = ("encoder", "projector", "llm:K", "decode:K")
+
+    def plan(self, num_layers: int) -> list[Stage]:
+        return single_stage_plan(self.config, self.config.where, num_layers)
+
+    def select(self, ctx: PruneContext) -> Selection:
+        keep = []
+        for image in ctx.images:
+            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + image.index_in_sample)
+            order = torch.randperm(image.num_tokens, generator=generator)[: image.budget]
+            keep.append(order.to(ctx.device))
+        return Selection(keep=keep)

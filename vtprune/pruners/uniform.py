@@ -1,0 +1,93 @@
+"""Uniform spatial down-sampling: keep a regular sub-grid of each image's token grid.
+
+Not from a single paper; the plain down-sampling baseline that recent benchmarks of token pruning found hard to
+beat (e.g. "Rethinking visual token reduction..." style studies). For a budget k on an (H, W) grid it picks a
+gh x gw lattice with gh ~ sqrt(k H / W) rows and gw = ceil(k / gh) columns, cell-centred, then thins the lattice
+evenly to exactly k. 64 of 24 x 24 is the stride-3 lattice. Tokens already dropped by an earlier stage are skipped
+by mapping each lattice point to the nearest surviving token.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vtprune.config import PrunerConfig, parse_where
+from vtprune.pruners.base import Pruner, single_stage_plan
+from vtprune.registry import register_pruner
+from vtprune.state import ImageTokens, PruneContext, Selection, Stage
+
+
+@dataclass(frozen=True)
+class UniformConfig(PrunerConfig):
+    """Attributes:
+    where: insertion point: "encoder", "projector", "llm:K" or "decode:K".
+    """
+
+    method = "uniform"
+    where: str = "projector"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_where(self.where)
+
+
+def lattice(rows: int, cols: int, count: int) -> Tensor:
+    """(count,) raster indices of an evenly spread, cell-centred lattice on a rows x cols grid."""
+    grid_rows = min(rows, max(1, round(math.sqrt(count * rows / cols))))
+    grid_cols = min(cols, math.ceil(count / grid_rows))
+    grid_rows = min(rows, math.ceil(count / grid_cols))
+    r = ((torch.arange(grid_rows) + 0.5) * rows / grid_rows).long()
+    c = ((torch.arange(grid_cols) + 0.5) * cols / grid_cols).long()
+    points = (r[:, None] * cols + c[None, :]).flatten()
+    pick = ((torch.arange(count) + 0.5) * points.numel() / count).long()
+    return points[pick]
+
+
+def nearest_present(image: ImageTokens, wanted: Tensor) -> Tensor:
+    """Map wanted raster indices to distinct positions in ``image.original_indices`` (nearest on the grid)."""
+    present = image.original_indices.cpu()
+    if present.numel() == image.grid[0] * image.grid[1]:
+        return wanted
+    cols = image.grid[1]
+    coords = torch.stack((present // cols, present % cols), -1).float()
+    target = torch.stack((wanted // cols, wanted % cols), -1).float()
+    dist = torch.cdist(target, coords)
+    chosen = []
+    taken = torch.zeros(present.numel(), dtype=torch.bool)
+    # Loop over the (few) kept lattice points, not over tokens: greedy distinct nearest neighbours.
+    for row in dist:
+        row = row.masked_fill(taken, float("inf"))
+        j = int(row.argmin())
+        taken[j] = True
+        chosen.append(j)
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+@register_pruner("uniform")
+class UniformPruner(Pruner):
+    config_cls = UniformConfig
+    paper = "baseline (regular spatial sub-grid)"
+    status = "baseline"
+    points = ("encoder", "projector", "llm:K", "decode:K")
+
+    def plan(self, num_layers: int) -> list[Stage]:
+        return single_stage_plan(self.config, self.config.where, num_layers)
+
+    def select(self, ctx: PruneContext) -> Selection:
+        keep = []
+        for image in ctx.images:
+            if image.grid is None:
+                # No grid (e.g. a packed sequence): fall back to an even stride along the token order.
+                local = ((torch.arange(image.budget) + 0.5) * image.num_tokens / image.budget).long()
+            else:
+                wanted = lattice(image.grid[0], image.grid[1], image.budget)
+                if image.num_tokens == image.grid[0] * image.grid[1]:
+                    local = wanted
+                else:
+                    local = nearest_present(image, wanted)
+            keep.append(local.to(ctx.device))
+        return Selection(keep=keep)

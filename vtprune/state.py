@@ -1,0 +1,150 @@
+"""What flows between an adapter and a pruner during one forward: the context, the selection, and the stats."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One place where a pruner drops tokens.
+
+    Attributes:
+        point: "encoder", "projector", "llm" (input of decoder layer ``layer``) or "decode" (KV cache of layers
+            >= ``layer``, after prefill).
+        layer: decoder layer index; 0 for the points before the LLM.
+        fraction: visual tokens left after this stage, as a fraction of the image's original count.
+    """
+
+    point: str
+    layer: int
+    fraction: float
+
+
+@dataclass
+class ImageTokens:
+    """The visual tokens of one image (or tile group, or video) as one stage sees them.
+
+    Attributes:
+        sample: batch row the image belongs to.
+        index_in_sample: 0 for the first image of that prompt, 1 for the second, ...
+        grid: (rows, cols) of the image's original token grid, or None where the family has no single grid.
+        original_indices: (n,) indices of the tokens still present into the image's original tokens (raster order).
+        positions: (n,) positions of those tokens in the current hidden sequence (llm / decode stages), else None.
+        features: (n, C) features at this insertion point, or None where the point has none (decode).
+        budget: how many of the n tokens this stage must keep.
+    """
+
+    sample: int
+    index_in_sample: int
+    grid: tuple[int, int] | None
+    original_indices: Tensor
+    positions: Tensor | None
+    features: Tensor | None
+    budget: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.original_indices.shape[0])
+
+    def grid_coords(self) -> Tensor:
+        """(n, 2) float (row, col) of each present token in its original grid."""
+        if self.grid is None:
+            raise ValueError("This image has no token grid; spatial methods need an adapter that provides one.")
+        cols = self.grid[1]
+        idx = self.original_indices
+        return torch.stack((idx // cols, idx % cols), dim=-1).to(torch.float32)
+
+
+@dataclass
+class PruneContext:
+    """Everything a pruner may read at one stage. Pruners talk to the model only through this object.
+
+    Attributes:
+        point, layer: the stage (see ``Stage``).
+        num_layers: decoder layers of the LLM.
+        images: one entry per image, batch-major, in prompt order.
+        hidden_states: (B, L, D) current hidden states (llm stage), else None.
+        attention_mask: (B, L) 1 for real tokens of the current sequence (llm / decode stages), else None.
+        text_positions: per sample, (T_b,) positions of the non-visual, non-padding tokens in the current sequence.
+        attention_rows: for llm stages at layer >= 1, ``attention_rows(query_positions (B, Q)) -> (B, Q, L)``:
+            head-mean attention probabilities of layer K-1 for those query rows (softmax in fp32), computed by the
+            probe kernel so any attention backend works. None elsewhere.
+        cache: the KV cache (decode stage), else None.
+    """
+
+    point: str
+    layer: int
+    num_layers: int
+    images: list[ImageTokens]
+    hidden_states: Tensor | None = None
+    attention_mask: Tensor | None = None
+    text_positions: list[Tensor] | None = None
+    attention_rows: Callable[[Tensor], Tensor] | None = None
+    cache: Any = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.images[0].original_indices.device
+
+
+@dataclass
+class Selection:
+    """A pruner's answer: for each image of the context, which of its tokens to keep.
+
+    Attributes:
+        keep: per image, (k,) long indices into that image's tokens as the context listed them (any order).
+        values: optional per image (k, C) replacement features for the kept tokens, in the order of ``keep``, for
+            methods that fuse dropped tokens into kept ones; None keeps the features as they are.
+    """
+
+    keep: list[Tensor]
+    values: list[Tensor | None] | None = None
+
+
+@dataclass
+class StageStats:
+    point: str
+    layer: int
+    kept: list[Tensor]  # per image: kept indices into the original visual tokens
+    seconds: float
+
+
+@dataclass
+class CallStats:
+    """Stats of the last prefill, filled by the adapter; read through ``model.vtprune.last_stats``."""
+
+    image_sample: list[int] = field(default_factory=list)
+    image_tokens: list[int] = field(default_factory=list)
+    stages: list[StageStats] = field(default_factory=list)
+    tokens_per_layer: Tensor | None = None  # (B, num_layers) visual tokens processed by each decoder layer
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-Python view (this converts device tensors, so it syncs; call it outside hot loops)."""
+        per_layer = self.tokens_per_layer.tolist() if self.tokens_per_layer is not None else []
+        samples = []
+        for b, layers in enumerate(per_layer):
+            images = [j for j, s in enumerate(self.image_sample) if s == b]
+            samples.append(
+                {
+                    "visual_tokens": sum(self.image_tokens[j] for j in images),
+                    "tokens_per_layer": layers,
+                    "K_in": layers[0] if layers else 0,
+                    "K_avg": sum(layers) / len(layers) if layers else 0.0,
+                    "stages": [
+                        {
+                            "point": st.point,
+                            "layer": st.layer,
+                            "kept": [st.kept[j].tolist() for j in images],
+                            "seconds": st.seconds,
+                        }
+                        for st in self.stages
+                    ],
+                }
+            )
+        return {"samples": samples}
