@@ -518,7 +518,8 @@ class Adapter:
             kept_now.append(st.kept[j])
         st.stats.stages.append(StageStats(stage.point, stage.layer, kept_now, seconds))
         length = alive.shape[1]
-        key = torch.where(alive, torch.arange(length, device=alive.device), torch.full_like(alive, -1, dtype=torch.long))
+        positions = torch.arange(length, device=alive.device).expand_as(alive)
+        key = torch.where(alive, positions, torch.full_like(positions, -1))
         width = int(alive.sum(1).max())
         index = key.sort(dim=1).values[:, -width:]
         valid = index >= 0

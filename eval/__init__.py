@@ -1,1 +1,1 @@
-"""Evaluation: tiny built-in models, accuracy and speed benchmarks, the lmms-eval bridge (installed as vtprune.eval)."""
+"""Evaluation: tiny built-in models, measurement, accuracy and speed benchmarks (installed as vtprune.eval)."""

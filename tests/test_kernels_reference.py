@@ -403,8 +403,9 @@ def test_attention_rows_matches_transformers_eager_llama() -> None:
         query = self_attn.q_proj(hidden).view(2, length, -1, self_attn.head_dim).transpose(1, 2)
         cos, sin = captured["position_embeddings"]
         query, _ = apply_rotary_pos_emb(query, query, cos, sin)
-    # transformers >= 5.2x names the output field and the per-layer tensors `cache` / `.layers[i].keys`.
-    keys = out.cache.layers[1].keys
+    # transformers 5.24 renamed the output field past_key_values -> cache; 5.17 has only the old name.
+    cache = out.cache if "cache" in out else out.past_key_values
+    keys = cache.layers[1].keys
     assert keys.shape == (2, 2, length, self_attn.head_dim)
 
     positions = torch.tensor([[length - 1, 4, 1], [length - 1, 6, 1]])

@@ -49,6 +49,7 @@ def single_stage_plan(config: PrunerConfig, where: str, num_layers: int) -> list
     point, layer = parse_where(where)
     if layer >= num_layers:
         raise ValueError(
-            f"where={where!r} names decoder layer {layer}, but the model has {num_layers} layers (0..{num_layers - 1})."
+            f"where={where!r} names decoder layer {layer}, but the model has {num_layers} decoder layers "
+            f"(0..{num_layers - 1})."
         )
     return [Stage(point, layer, stage_fraction(config.keep, config.budget, layer, num_layers))]

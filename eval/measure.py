@@ -1,0 +1,56 @@
+"""Measure one prompt: prefill time, peak memory, KV-cache bytes, the answer. Used by the CLI and the benchmarks."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+
+def kv_cache_bytes(cache: Any) -> int:
+    """Bytes held by the keys and values of every layer of a transformers cache."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_prefill(model: Any, inputs: dict[str, torch.Tensor], repeats: int = 3) -> dict[str, float | int | None]:
+    """Median wall time of a prefill forward (image encoding included), its peak memory (CUDA only) and KV bytes."""
+    device = next(model.parameters()).device
+    model(**inputs, use_cache=True)  # warm-up: lazy inits, kernel selection
+    times = []
+    peak = None
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        started = time.perf_counter()
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        _sync(device)
+        times.append(time.perf_counter() - started)
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device)
+    return {"prefill_s": statistics.median(times), "peak_bytes": peak, "kv_bytes": kv_cache_bytes(_cache_of(out))}
+
+
+@torch.no_grad()
+def answer(model: Any, processor: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int = 16) -> str:
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+
+
+def _cache_of(output: Any) -> Any:
+    # transformers 5.24 renamed the output field past_key_values -> cache (the old name still works, with a warning).
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
