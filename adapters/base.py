@@ -217,7 +217,7 @@ class Adapter:
         if not bool(visual_mask.any()):
             self._warn_once("noimage", "vtprune: prompt without image tokens; running unpruned.")
             return
-        images = self.image_layout(input_ids, visual_mask)
+        images = self.image_layout(input_ids, visual_mask, kwargs)
         self.state = _CallState(
             visual_mask=visual_mask,
             orig_len=input_ids.shape[1],
@@ -573,8 +573,12 @@ class Adapter:
         """Token ids of the visual placeholders (image and video)."""
         raise NotImplementedError
 
-    def image_layout(self, input_ids: Tensor, visual_mask: Tensor) -> list[ImageLayout]:
-        """Split the visual tokens of a batch into images, batch-major, in the order the model scatters them."""
+    def image_layout(self, input_ids: Tensor, visual_mask: Tensor, model_kwargs: dict[str, Any]) -> list[ImageLayout]:
+        """Split the visual tokens of a batch into images, batch-major, in the order the model scatters them.
+
+        ``model_kwargs`` are the keyword arguments of this prefill's ``model.model`` call (``image_sizes``,
+        ``image_grid_thw``, ...); from transformers 5.18 ``generate`` encodes the images before that call, so a
+        family that needs image metadata may also record it from its vision-side hooks."""
         raise NotImplementedError
 
     def capture_hook(self, point: str, store: Callable[[Tensor], None]) -> Any:

@@ -30,7 +30,7 @@ class LlavaAdapter(Adapter):
             count += 1
         return count
 
-    def image_layout(self, input_ids: Tensor, visual_mask: Tensor) -> list[ImageLayout]:
+    def image_layout(self, input_ids: Tensor, visual_mask: Tensor, model_kwargs: dict[str, Any]) -> list[ImageLayout]:
         per_image = self.tokens_per_image()
         side = math.isqrt(per_image)
         grid = (side, side) if side * side == per_image else None
