@@ -210,6 +210,7 @@ class Adapter:
                 )
             return
         self.state = None
+        self.last_stats = None
         if input_ids is None:
             self._warn_once("embeds", "vtprune: called with inputs_embeds and no input_ids; running unpruned.")
             return

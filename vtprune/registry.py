@@ -21,6 +21,7 @@ def register_pruner(name: str) -> Callable[[T], T]:
     """Class decorator that registers a pruner under ``name`` (the ``method=`` a user passes to ``wrap``)."""
 
     def decorator(cls: T) -> T:
+        _load_builtins()  # so that a user's class can never take a built-in name before the built-ins load
         if name in PRUNERS:
             raise ValueError(f"A pruner named '{name}' is already registered ({PRUNERS[name].__qualname__}).")
         cls.name = name
@@ -34,6 +35,7 @@ def register_adapter(*model_types: str) -> Callable[[T], T]:
     """Class decorator that registers an adapter for one or more ``config.model_type`` values."""
 
     def decorator(cls: T) -> T:
+        _load_builtins()
         for model_type in model_types:
             if model_type in ADAPTERS:
                 raise ValueError(f"An adapter for model_type '{model_type}' is already registered.")
