@@ -2,8 +2,9 @@
 # shipped sample image) and `make test` (the test suite). Both create the virtual environment when it is missing.
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch that this project's machines carry; any torch >= 2.4 works for users.
-TORCH_SPEC ?= torch==2.13.0
+# The torch / torchvision pair this project's machines carry on disk (torchvision: the Qwen and InternVL processors
+# need it); any torch >= 2.4 works for users.
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # Empty = the newest transformers that pyproject allows; CI also runs the suite with TRANSFORMERS=5.17.0.
 TRANSFORMERS ?=
 EXTRAS ?= dev
@@ -16,7 +17,7 @@ STAMP := $(VENV)/.vtprune-installed
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]" $(if $(TRANSFORMERS),"transformers==$(TRANSFORMERS)")
 	touch $(STAMP)
 
