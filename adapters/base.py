@@ -44,14 +44,17 @@ class ImageLayout:
     Attributes:
         sample: batch row.
         index_in_sample: order of the image within its prompt.
-        positions: (n,) positions of its tokens in the original sequence, in the order the model scattered them.
+        positions: (n,) positions of its prunable tokens in the original sequence, in the order the model scattered
+            them. Visual slots that no image lists (layout tokens such as AnyRes row newlines) are always kept.
         grid: (rows, cols) token grid, or None.
+        kind: "image" or "video" (a video is one entry; its adapter says how its frames map onto ``grid``).
     """
 
     sample: int
     index_in_sample: int
     positions: Tensor
     grid: tuple[int, int] | None
+    kind: str = "image"
 
 
 @dataclass
@@ -83,7 +86,8 @@ class _Group:
 
 @dataclass
 class _CallState:
-    visual_mask: Tensor  # (B, L) bool
+    visual_mask: Tensor  # (B, L) bool: the prunable visual tokens, i.e. the positions the images list
+    text_mask: Tensor  # (B, L) bool: tokens that are not visual placeholders
     orig_len: int
     images: list[ImageLayout]
     kept: list[Tensor]  # per image: indices into its original tokens still present
@@ -93,6 +97,7 @@ class _CallState:
     mask2d: Tensor | None = None  # (B, L) original prefill mask
     decode_mask2d: Tensor | None = None  # this decode step's mask in original coordinates
     phase: str = "prefill"
+    layer: int = 0  # the decoder layer running now (set by its pre-hook)
     probe_inputs: dict[int, tuple[Tensor, tuple[Tensor, Tensor]]] = field(default_factory=dict)
     stats: CallStats = field(default_factory=CallStats)
 
@@ -134,7 +139,12 @@ class Adapter:
         self.pruner: Any = None
         self.state: _CallState | None = None
         self.last_stats: CallStats | None = None
-        self.captured: dict[str, Tensor] = {}
+        # What the vision-side hooks recorded for the coming prefill, per key (an insertion point, or a family's
+        # own key), in call order. From transformers 5.18 generate runs the vision tower before model.forward, so
+        # records are not dropped at the LLM entry but marked stale, and the next vision run starts afresh; a
+        # prefill re-run without a cache (generate with use_cache=False) still finds them.
+        self.captured: dict[str, list[Any]] = {}
+        self._captures_stale = False
         self._handles: list[Any] = []
         self._warned: set[str] = set()
 
@@ -151,6 +161,7 @@ class Adapter:
                 raise ValueError(
                     f"Stage {stage.point}:{stage.layer} names a decoder layer outside 0..{self.num_layers - 1}."
                 )
+        self.check_plan(plan)
         self.pruner = pruner
         self.plan = plan
         self._prefill_plan = sorted((s for s in plan if s.point != "decode"), key=lambda s: s.layer)
@@ -170,6 +181,8 @@ class Adapter:
                 add(attn.register_forward_pre_hook(self._make_probe_capture(stage.layer - 1), with_kwargs=True))
         for point in {s.point for s in plan if s.point in ("encoder", "projector")}:
             add(self.capture_hook(point, self._store_capture(point)))
+        for handle in self.family_hooks():
+            add(handle)
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -183,9 +196,14 @@ class Adapter:
             self._warned.add(key)
             logger.warning(message)
 
-    def _store_capture(self, point: str) -> Callable[[Tensor], None]:
-        def store(features: Tensor) -> None:
-            self.captured[point] = features
+    def _store_capture(self, key: str) -> Callable[[Any], None]:
+        """A callable that appends what a vision-side hook saw to ``self.captured[key]``."""
+
+        def store(record: Any) -> None:
+            if self._captures_stale:
+                self.captured.clear()
+                self._captures_stale = False
+            self.captured.setdefault(key, []).append(record)
 
         return store
 
@@ -209,6 +227,9 @@ class Adapter:
                     "continued conversation). Start from an empty cache, or unwrap the model for this call."
                 )
             return
+        if any(kwargs.get(key) is not None for key in ("pixel_values", "pixel_values_videos")):
+            # The vision tower runs inside this call, after this hook: earlier records are stale.
+            self._captures_stale = True
         self.state = None
         self.last_stats = None
         if input_ids is None:
@@ -219,8 +240,14 @@ class Adapter:
             self._warn_once("noimage", "vtprune: prompt without image tokens; running unpruned.")
             return
         images = self.image_layout(input_ids, visual_mask, kwargs)
+        # A visual slot that no image lists (the row newlines of LLaVA-NeXT / OneVision) is layout: it is never
+        # dropped and counts neither as a visual token nor as text.
+        prunable = torch.zeros_like(visual_mask)
+        for im in images:
+            prunable[im.sample, im.positions] = True
         self.state = _CallState(
-            visual_mask=visual_mask,
+            visual_mask=prunable,
+            text_mask=~visual_mask,
             orig_len=input_ids.shape[1],
             images=images,
             kept=[torch.arange(im.positions.numel(), device=input_ids.device) for im in images],
@@ -233,7 +260,7 @@ class Adapter:
     def _on_llm_entry(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         st = self.state
         if st is None:
-            self.captured.clear()
+            self._captures_stale = True
             return None
         embeds = kwargs["inputs_embeds"]
         mask = kwargs.get("attention_mask")
@@ -269,16 +296,20 @@ class Adapter:
             ctx = self._context(st, stage, base, features=features, hidden=embeds if stage.point == "llm" else None)
             selection, seconds = self._select(ctx)
             group = self._apply(st, stage, ctx, selection, seconds, base)
-            packed = compact_sequence(
-                group.index, group.valid, hidden_states=embeds, position_ids=position_ids,
-                attention_mask=st.mask2d, position_dim=-1,
-            )
+            # Rows of the current (possibly already pruned) input that the new group keeps.
+            rows = base.inverse(st.orig_len).gather(1, group.index).clamp(min=0)
+            # position_dim=-1 gathers (B, L) positions and Qwen's (3 or 4, B, L) M-RoPE positions alike.
+            packed = compact_sequence(rows, group.valid, hidden_states=embeds, position_ids=position_ids)
             embeds, position_ids = packed.hidden_states, packed.position_ids
             embeds = self._write_values(st, ctx, selection, group, embeds, stage.point)
             st.groups = [group]
             base = group
-            kwargs["attention_mask"] = packed.attention_mask
-        self.captured.clear()
+        if not base.identity:
+            kwargs["attention_mask"] = base.translate_mask(st.mask2d, st.orig_len)
+            self.prune_llm_kwargs(kwargs, base.index, base.valid)
+            if base.index.shape[1] < st.orig_len:
+                self.layer0_rows_dropped(st.orig_len - base.index.shape[1])
+        self._captures_stale = True
         kwargs["inputs_embeds"] = embeds
         kwargs["position_ids"] = position_ids
         st.phase = "prefill-llm"
@@ -314,6 +345,7 @@ class Adapter:
             st = self.state
             if st is None or st.phase == "prefill":
                 return None
+            st.layer = layer_idx
             if st.phase == "prefill-llm" and st.prefill_stages and st.prefill_stages[0].layer == layer_idx:
                 return self._prefill_layer(st, layer_idx, args, kwargs)
             group = self._group_of(st, layer_idx)
@@ -406,12 +438,12 @@ class Adapter:
         if stage.point == "llm":
             return None
         captured = self.captured.get(stage.point)
-        if captured is None:
+        if not captured:
             raise RuntimeError(
                 f"vtprune: no {stage.point} features were captured for this prompt. Pass pixel_values (not "
                 "precomputed image features) so the vision tower runs under the hooks."
             )
-        per_image = self.split_captured(stage.point, captured)
+        per_image = self.features_per_image(stage.point, captured, st.images)
         if len(per_image) != len(st.images) or any(
             f.shape[0] != im.positions.numel() for f, im in zip(per_image, st.images, strict=False)
         ):
@@ -447,7 +479,7 @@ class Adapter:
                 )
             )
         cur_mask = current.translate_mask(st.mask2d, st.orig_len)
-        text = ~st.visual_mask & st.mask2d.bool()
+        text = st.text_mask & st.mask2d.bool()
         text_positions = [inverse[b][text[b]] for b in range(st.visual_mask.shape[0])]
         rows = None
         if stage.point == "llm" and stage.layer > 0:
@@ -555,6 +587,8 @@ class Adapter:
             packed = compact_sequence(rows, group.valid, cache=[(lay.keys, lay.values) for lay in layers])
             for lay, (keys, values) in zip(layers, packed.cache, strict=True):
                 lay.keys, lay.values = keys, values
+            if stage.layer == 0:
+                self.layer0_rows_dropped(current.index.shape[1] - group.index.shape[1])
             st.groups = [g for g in st.groups if g.start != stage.layer] + [group]
             st.groups.sort(key=lambda g: g.start)
         st.decode_stages = []
@@ -568,6 +602,19 @@ class Adapter:
             counts.append(visual.sum(1))
         st.stats.tokens_per_layer = torch.stack(counts, dim=1)
         self.last_stats = st.stats
+
+    def running_layer_rows(self) -> tuple[Tensor, Tensor] | None:
+        """While a prefill runs inside the LLM: the (B, M) rows of the LLM's input that the decoder layer running
+        now holds, and their (B, M) valid flags (False for fillers); None where that layer holds the LLM's input
+        as it came in, or outside a pruned prefill. For families that inject per-token inputs between layers."""
+        st = self.state
+        if st is None or st.phase != "prefill-llm":
+            return None
+        entry = st.groups[0]
+        group = self._group_of(st, st.layer)
+        if group is entry:
+            return None
+        return entry.inverse(st.orig_len).gather(1, group.index).clamp(min=0), group.valid
 
     # ------------------------------------------------------------------------------ family-specific methods
     def visual_token_ids(self) -> list[int]:
@@ -589,6 +636,29 @@ class Adapter:
     def split_captured(self, point: str, features: Tensor) -> list[Tensor]:
         """Per-image (n, C) features from what ``capture_hook`` stored."""
         raise NotImplementedError
+
+    def features_per_image(self, point: str, records: list[Any], images: list[ImageLayout]) -> list[Tensor]:
+        """Per-image (n, C) features, in the order of ``images``, from what ``capture_hook`` stored for this prefill
+        (one record per vision call). The default suits families whose vision tower runs once per prefill; a family
+        that runs it once per modality (images, then videos) overrides this."""
+        return self.split_captured(point, records[-1])
+
+    def check_plan(self, plan: list[Stage]) -> None:
+        """Refuse, with a ValueError, stages this family cannot run; called by ``install`` before any hook."""
+
+    def family_hooks(self) -> list[Any]:
+        """Register hooks the family needs on every call (e.g. to record image metadata that ``generate`` no longer
+        passes to the model); return their handles (anything with ``remove()``)."""
+        return []
+
+    def prune_llm_kwargs(self, kwargs: dict[str, Any], index: Tensor, valid: Tensor) -> None:
+        """Prune, in ``kwargs``, the LLM inputs besides embeddings, positions and mask that hold one entry per token
+        (Qwen3-VL's deepstack features). The LLM's input is now the (B, M) original rows ``index``; slots with
+        ``valid`` False are fillers. Called once per prefill, after the LLM-entry stages."""
+
+    def layer0_rows_dropped(self, count: int) -> None:
+        """Decoder layer 0's cache now holds ``count`` fewer prompt rows than before (LLM-entry pruning, or a decode
+        policy at layer 0): families that derive decode positions from the cache length correct them here."""
 
     def project(self, encoder_features: Tensor) -> Tensor:
         """Map (n, C_vis) encoder features to the LLM's embedding space, for values written at the encoder point."""

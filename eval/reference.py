@@ -102,7 +102,7 @@ def build_config(spec: FamilySpec) -> Any:
             text_config=dict(**text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                       "mrope_section": [8, 12, 12]}),
             vision_config=dict(depth=3, hidden_size=192, intermediate_size=512, num_heads=3, out_hidden_size=256,
-                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=168,
                                fullatt_block_indexes=[2], in_channels=3),
             image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],

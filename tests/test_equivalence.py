@@ -48,16 +48,41 @@ def _case_id(case) -> str:
     return "-".join(str(part) for part in case)
 
 
-def _image_positions(factory, model, inputs) -> list[list[torch.Tensor]]:
-    """Per sample, per image: original sequence positions of its tokens."""
-    n = factory.tokens_per_image(model)
-    visual = inputs["input_ids"] == model.config.image_token_id
-    return [list(visual[b].nonzero().squeeze(1).split(n)) for b in range(visual.shape[0])]
+def _llm_inputs(model, inputs) -> dict:
+    """What an unwrapped model hands its LLM: inputs_embeds with every visual feature scattered in, position ids
+    (None where the LLM builds them itself) and per-token extras (Qwen3-VL's deepstack features)."""
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen.update(kwargs)
+
+    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    return {key: seen.get(key) for key in ("inputs_embeds", "position_ids", "visual_pos_masks", "deepstack_visual_embeds")}
+
+
+def _kept_llm_inputs(llm_inputs: dict, keep: torch.Tensor) -> dict:
+    """The LLM inputs of a batch of one restricted to the (L,) kept positions, which keep their original positions."""
+    positions = llm_inputs["position_ids"]
+    kept = {
+        "inputs_embeds": llm_inputs["inputs_embeds"][:, keep],
+        "position_ids": torch.arange(keep.numel())[keep][None] if positions is None else positions[..., keep],
+    }
+    visual = llm_inputs["visual_pos_masks"]
+    if visual is not None:
+        # One deepstack row per visual token, in sequence order.
+        rows = visual[0].cumsum(0)[keep & visual[0]] - 1
+        kept["visual_pos_masks"] = visual[:, keep]
+        kept["deepstack_visual_embeds"] = [level[rows] for level in llm_inputs["deepstack_visual_embeds"]]
+    return kept
 
 
 def _dropped(factory, model, inputs, stats, stage_index: int = -1) -> torch.Tensor:
     """(B, L) True where a visual token was dropped by the given stage (cumulative)."""
-    positions = _image_positions(factory, model, inputs)
+    positions = factory.image_positions(model, inputs)
     dropped = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
     for b, sample in enumerate(stats["samples"]):
         kept = sample["stages"][stage_index]["kept"]
@@ -116,17 +141,13 @@ def test_pruning_before_llm_equals_feeding_kept_features(case):
     method, family, where = case
     factory = FACTORIES[family]
     model = factory.build("sdpa")
-    inputs = factory.inputs(model, [Prompt(images=2)], seed=3)
+    inputs = factory.inputs(model, [Prompt(images=2, videos=1)], seed=3)
     with torch.no_grad():
-        embeds = model.get_input_embeddings()(inputs["input_ids"])
-        features = torch.cat(model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output)
-        visual = (inputs["input_ids"] == model.config.image_token_id)[..., None]
-        embeds = embeds.masked_scatter(visual, features)
+        llm_inputs = _llm_inputs(model, inputs)
         vtprune.wrap(model, method, keep=0.25, **_options(where))
         pruned = model(**inputs).logits
         keep = ~_dropped(factory, model, inputs, model.vtprune.last_stats)[0]
-        positions = torch.arange(keep.numel())[keep][None]
-        hidden = model.model.language_model(inputs_embeds=embeds[:, keep], position_ids=positions).last_hidden_state
+        hidden = model.model.language_model(**_kept_llm_inputs(llm_inputs, keep)).last_hidden_state
         reference = model.lm_head(hidden)
     torch.testing.assert_close(pruned, reference, atol=ATOL, rtol=0)
 
@@ -138,7 +159,7 @@ def test_pruned_generation_equals_masked_reference(case, attn):
     factory = FACTORIES[family]
     model = factory.build(attn)
     reference_model = factory.build("eager")
-    inputs = factory.inputs(model, [Prompt(images=1, prefix=2), Prompt(images=2, prefix=5)], seed=1)
+    inputs = factory.inputs(model, [Prompt(images=1, prefix=2), Prompt(images=2, prefix=5, videos=1)], seed=1)
     with torch.no_grad():
         vtprune.wrap(model, method, keep=0.25, **_options(where))
         tokens, logits = _greedy(model, inputs)
@@ -158,20 +179,14 @@ def test_batch_equals_each_prompt_alone(case):
     method, family, where = case
     factory = FACTORIES[family]
     model = factory.build("sdpa")
-    prompts = [Prompt(images=1, prefix=1), Prompt(images=2, prefix=6, suffix=2), Prompt(images=1, prefix=9)]
+    prompts = [Prompt(images=1, prefix=1), Prompt(images=2, prefix=6, suffix=2, videos=1), Prompt(images=1, prefix=9)]
     batch = factory.inputs(model, prompts, seed=7)
     with torch.no_grad():
         vtprune.wrap(model, method, keep=0.25, **_options(where))
         tokens, logits = _greedy(model, batch, steps=4)
-        for b, prompt in enumerate(prompts):
+        for b in range(len(prompts)):
             # The same prompt as row b of the batch, without its padding.
-            keep = batch["attention_mask"][b].bool()
-            images_before = sum(p.images for p in prompts[:b])
-            alone = {
-                "input_ids": batch["input_ids"][b:b + 1, keep],
-                "attention_mask": batch["attention_mask"][b:b + 1, keep],
-                "pixel_values": batch["pixel_values"][images_before:images_before + prompt.images],
-            }
+            alone = factory.sample_inputs(batch, prompts, b)
             alone_tokens, alone_logits = _greedy(model, alone, steps=4)
             torch.testing.assert_close(alone_logits[0], logits[b], atol=1e-4, rtol=0)
             assert torch.equal(alone_tokens[0], tokens[b])
@@ -183,7 +198,8 @@ def test_kept_count_follows_budget(case, budget):
     method, family, where = case
     factory = FACTORIES[family]
     model = factory.build("sdpa")
-    inputs = factory.inputs(model, [Prompt(images=1), Prompt(images=2)], seed=2)
+    prompts = [Prompt(images=1), Prompt(images=2, videos=1)]
+    inputs = factory.inputs(model, prompts, seed=2)
     num_layers = model.config.text_config.num_hidden_layers
     keep = 0.75
     with torch.no_grad():
@@ -191,19 +207,20 @@ def test_kept_count_follows_budget(case, budget):
         # Two new tokens, so that decode-time policies (which act after prefill) have run too.
         model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
     stats = model.vtprune.last_stats
-    n = factory.tokens_per_image(model)
     point, layer = parse_where(where) if where else ("llm", 0)
-    expected = kept_count(stage_fraction(keep, budget, layer, num_layers), n)
-    for sample, prompt in zip(stats["samples"], [Prompt(images=1), Prompt(images=2)], strict=True):
+    fraction = stage_fraction(keep, budget, layer, num_layers)
+    for sample, positions in zip(stats["samples"], factory.image_positions(model, inputs), strict=True):
+        sizes = [p.numel() for p in positions]
+        expected = [kept_count(fraction, n) for n in sizes]
         kept = sample["stages"][-1]["kept"]
-        assert [len(k) for k in kept] == [expected] * prompt.images
-        assert all(len(set(k)) == len(k) and max(k) < n for k in kept)
+        assert [len(k) for k in kept] == expected
+        assert all(len(set(k)) == len(k) and max(k) < n for k, n in zip(kept, sizes, strict=True))
         per_layer = sample["tokens_per_layer"]
         assert len(per_layer) == num_layers
-        assert per_layer[:layer] == [n * prompt.images] * layer
-        assert per_layer[layer:] == [expected * prompt.images] * (num_layers - layer)
+        assert per_layer[:layer] == [sum(sizes)] * layer
+        assert per_layer[layer:] == [sum(expected)] * (num_layers - layer)
         assert sample["K_in"] == per_layer[0]
         assert sample["K_avg"] == pytest.approx(sum(per_layer) / num_layers)
         if budget == "average":
-            assert sample["K_avg"] == pytest.approx(keep * n * prompt.images, abs=prompt.images)
+            assert sample["K_avg"] == pytest.approx(keep * sum(sizes), abs=len(sizes))
         assert sample["stages"][-1]["seconds"] >= 0
