@@ -66,11 +66,16 @@ def evaluate_family(family: str, checkpoint: Path, limit: int | None) -> dict:
     return results
 
 
-def child(family: str, minutes: float, work: Path, limit: int | None) -> int:
+def child(family: str, minutes: float, work: Path, limit: int | None, resume: Path | None) -> int:
     from vtprune.eval.train_reference import TrainConfig, train
 
     checkpoint = work / family
-    notes = train(TrainConfig(family=family, minutes=minutes), checkpoint)
+    start = resume / family if resume is not None else None
+    if minutes > 0:
+        notes = train(TrainConfig(family=family, minutes=minutes), checkpoint, start)
+    else:  # evaluation only, of the checkpoint given by --resume
+        checkpoint = start
+        notes = json.loads((checkpoint / "training.json").read_text())
     results = {"family": family, "training": {k: v for k, v in notes.items() if k != "log"}, "log": notes["log"]}
     results["accuracy"] = evaluate_family(family, checkpoint, limit)
     (work / f"{family}.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -79,15 +84,16 @@ def child(family: str, minutes: float, work: Path, limit: int | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=6.5)
+    parser.add_argument("--minutes", type=float, default=6.5, help="training minutes; 0 evaluates --resume only")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--families", default="llava,qwen2_5_vl,internvl")
     parser.add_argument("--limit", type=int, help="items per category (default: the whole test split)")
+    parser.add_argument("--resume", type=Path, help="folder with one checkpoint per family to continue training")
     parser.add_argument("--family", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.family:
-        return child(args.family, args.minutes, args.work, args.limit)
+        return child(args.family, args.minutes, args.work, args.limit, args.resume)
 
     work = Path("/tmp/vtprune-reference")
     work.mkdir(parents=True, exist_ok=True)
@@ -98,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                str(args.minutes), "--work", str(work), "--out", str(args.out)]
         if args.limit:
             cmd += ["--limit", str(args.limit)]
+        if args.resume:
+            cmd += ["--resume", str(args.resume.resolve())]
         log = open(args.out / f"{family}.log", "w")  # noqa: SIM115 - closed after the child ends
         procs[family] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
     status = {}
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         if result.exists():
             merged[family] = json.loads(result.read_text())
         checkpoint = work / family
-        if checkpoint.exists():
+        if checkpoint.exists() and args.minutes > 0:
             with tarfile.open(args.out / f"{family}.tar", "w") as tar:
                 tar.add(checkpoint, arcname=family)
     (args.out / "reference.json").write_text(json.dumps(merged, indent=2) + "\n")

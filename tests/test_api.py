@@ -162,7 +162,7 @@ def test_unwrap_of_an_unwrapped_model_raises(factory):
 def test_wrap_unwrap_wrap_again(factory):
     model = factory.build("sdpa")
     inputs = factory.inputs(model, [Prompt(images=1)])
-    n = factory.tokens_per_image(model)
+    n = factory.image_positions(model, inputs)[0][0].numel()
     expected = _logits(model, inputs)
     vtprune.wrap(model, "uniform", keep=0.25)
     _logits(model, inputs)
@@ -419,19 +419,21 @@ def test_last_stats(factory):
     model = factory.build("sdpa")
     prompts = [Prompt(images=1), Prompt(images=2, prefix=1)]
     inputs = factory.inputs(model, prompts)
-    n = factory.tokens_per_image(model)
+    # Per sample, the token count of each image (AnyRes / InternVL images differ in size).
+    sizes = [[p.numel() for p in sample] for sample in factory.image_positions(model, inputs)]
     layers = _num_layers(model)
     vtprune.wrap(model, "uniform", keep=0.25, where="llm:1")
     assert model.vtprune.last_stats is None
     _logits(model, inputs)
     stats = model.vtprune.last_stats
     assert len(stats["samples"]) == len(prompts)
-    kept = kept_count(0.25, n)
-    for sample, prompt in zip(stats["samples"], prompts, strict=True):
+    for sample, prompt, counts in zip(stats["samples"], prompts, sizes, strict=True):
+        kept = [kept_count(0.25, n) for n in counts]
+        assert len(counts) == prompt.images
         assert [(s["point"], s["layer"]) for s in sample["stages"]] == [("llm", 1)]
-        assert [len(k) for k in sample["stages"][0]["kept"]] == [kept] * prompt.images
-        assert sample["tokens_per_layer"] == [n * prompt.images] + [kept * prompt.images] * (layers - 1)
-        assert sample["K_in"] == n * prompt.images
+        assert [len(k) for k in sample["stages"][0]["kept"]] == kept
+        assert sample["tokens_per_layer"] == [sum(counts)] + [sum(kept)] * (layers - 1)
+        assert sample["K_in"] == sum(counts)
         assert sample["K_avg"] == pytest.approx(sum(sample["tokens_per_layer"]) / layers)
 
 
@@ -453,7 +455,8 @@ def test_generate_with_sampling_on_a_pruned_batch(factory):
     assert runs[0].shape == (batch, length + new)
     assert torch.equal(runs[0][:, :length], inputs["input_ids"])
     assert torch.equal(runs[0], runs[1]), "the same seed must give the same samples"
-    assert model.vtprune.last_stats["samples"][1]["K_in"] == 2 * kept_count(0.25, factory.tokens_per_image(model))
+    expected = sum(kept_count(0.25, p.numel()) for p in factory.image_positions(model, inputs)[1])
+    assert model.vtprune.last_stats["samples"][1]["K_in"] == expected
 
 
 def test_disable_triton_env_is_harmless_on_cpu(factory, monkeypatch):
@@ -464,5 +467,5 @@ def test_disable_triton_env_is_harmless_on_cpu(factory, monkeypatch):
     logits = _logits(model, inputs)
     assert torch.isfinite(logits).all()
     assert model.vtprune.last_stats["samples"][0]["tokens_per_layer"][-1] == kept_count(
-        0.5, factory.tokens_per_image(model)
+        0.5, factory.image_positions(model, inputs)[0][0].numel()
     )

@@ -11,7 +11,9 @@ from typing import Any
 import vtprune
 from vtprune.registry import get_pruner_class
 
-SAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "eval" / "assets" / "sample.png"
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_IMAGE = REPO / "eval" / "assets" / "sample.png"
+DEFAULT_CHECKPOINT = REPO / "checkpoints" / "llava"
 
 
 def _sample_image() -> Path:
@@ -46,13 +48,15 @@ def load_model(model_dir: str | None, device: str, dtype: str, attn: str) -> tup
     import torch
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if model_dir is None and DEFAULT_CHECKPOINT.is_dir():
+        model_dir = str(DEFAULT_CHECKPOINT)
     if model_dir is None:
         from vtprune.eval.tiny import tiny_llava, tiny_llava_processor
 
         model = tiny_llava("llava15", attn_implementation=attn).to(device=device, dtype=torch_dtype)
         note = (
-            "built-in tiny random-weight LLaVA (LLaVA-1.5 token geometry, 576 visual tokens); its answers are "
-            "meaningless until trained reference checkpoints ship. Pass --model DIR for a real model."
+            "built-in tiny random-weight LLaVA (LLaVA-1.5 token geometry, 576 visual tokens; the reference "
+            "checkpoints are not in this install): its answers are meaningless. Pass --model DIR for a real model."
         )
         return model, tiny_llava_processor(model.config), note
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -73,7 +77,11 @@ def build_inputs(processor: Any, image_path: Path, question: str, device: str) -
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     else:
-        prompt = f"USER: {processor.image_token} {question} ASSISTANT:"
+        # No chat template: the format vtprune's reference checkpoints were trained on (question, then image).
+        placeholder = processor.image_token
+        if "image_pad" in placeholder:
+            placeholder = f"<|vision_start|> {placeholder} <|vision_end|>"
+        prompt = f"USER: {question} {placeholder} ASSISTANT:"
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     return {k: v.to(device) for k, v in inputs.items()}
 
@@ -126,6 +134,58 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vtprune.eval import accuracy
+
+    model_dir = Path(args.model) if args.model else DEFAULT_CHECKPOINT
+    if not model_dir.is_dir():
+        raise SystemExit(f"--model {model_dir}: no such directory. Pass a reference checkpoint directory.")
+    get_pruner_class(args.method)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(args.device).eval()
+    spec = accuracy.family_of(model)
+    if args.categories == "all":
+        categories = list(spec.categories)
+    else:
+        categories = [c.strip() for c in args.categories.split(",")]
+        unknown = [c for c in categories if c not in spec.categories]
+        if unknown:
+            raise ValueError(f"Unknown categories {unknown} for {spec.name}. Categories: {list(spec.categories)}.")
+    run = dict(split=args.split, limit=args.limit, batch_size=args.batch_size)
+    print(f"model: {model_dir} ({spec.name}); split {args.split}; {args.method} keep={args.keep} ({args.budget})")
+    base = accuracy.evaluate(model, spec, categories, **run)
+    options = {"where": args.where} if args.where else {}
+    vtprune.wrap(model, args.method, keep=args.keep, budget=args.budget, **options)
+    try:
+        pruned = accuracy.evaluate(model, spec, categories, **run)
+    finally:
+        vtprune.unwrap(model)
+    rows = []
+    for category in categories:
+        b, p = base[category]["accuracy"], pruned[category]["accuracy"]
+        kept = f"{100 * p / b:.1f}%" if b > 0 else "n/a"
+        rows.append((category, base[category]["n"], f"{100 * b:.1f}", f"{100 * p:.1f}", kept,
+                     f"{100 * synth_chance(category):.0f}"))
+    b, p = accuracy.overall(base), accuracy.overall(pruned)
+    rows.append(("all", sum(r["n"] for r in base.values()), f"{100 * b:.1f}", f"{100 * p:.1f}",
+                 f"{100 * p / b:.1f}%" if b > 0 else "n/a", ""))
+    _print_table(("category", "items", "unpruned %", f"{args.method} %", "accuracy kept", "chance %"), rows)
+    result = {"model": str(model_dir), "family": spec.name, "method": args.method, "keep": args.keep,
+              "budget": args.budget, "where": args.where, "split": args.split, "limit": args.limit,
+              "unpruned": base, "pruned": pruned, "categories": categories}
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.json}")
+    return 0
+
+
+def synth_chance(category: str) -> float:
+    from vtprune.eval.accuracy import CHANCE
+
+    return CHANCE[category]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtprune", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="answer, tokens, time and memory per method against the unpruned model")
     compare.add_argument("--model", help="local checkpoint directory (default: a tiny built-in model)")
     compare.add_argument("--image", help="image file (default: the sample image shipped with vtprune)")
-    compare.add_argument("--question", default="what is the colour of the circle ?")
+    compare.add_argument("--question", default="what colour is the cross ?")
     compare.add_argument("--methods", default="uniform,random", help="comma-separated method names")
     compare.add_argument("--keep", type=float, default=0.11, help="fraction of visual tokens kept, in (0, 1]")
     compare.add_argument("--budget", default="input", choices=["input", "average"])
@@ -146,6 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--repeats", type=int, default=3, help="timed prefill repeats (median reported)")
     compare.add_argument("--json", help="also write the results to this JSON file")
     compare.set_defaults(run=cmd_compare)
+
+    evaluate = sub.add_parser("eval", help="accuracy kept on the synth set, per category, pruned vs unpruned")
+    evaluate.add_argument("--model", help="reference checkpoint directory (default: checkpoints/llava)")
+    evaluate.add_argument("--method", default="uniform")
+    evaluate.add_argument("--keep", type=float, default=0.11)
+    evaluate.add_argument("--budget", default="input", choices=["input", "average"])
+    evaluate.add_argument("--where", help="insertion point for methods that take one")
+    evaluate.add_argument("--split", default="test", choices=["val", "test"])
+    evaluate.add_argument("--categories", default="all", help="comma-separated, or 'all'")
+    evaluate.add_argument("--limit", type=int, help="items per category (default: the whole split)")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--json", default="vtprune-eval.json", help="where to write the results")
+    evaluate.set_defaults(run=cmd_eval)
     return parser
 
 
