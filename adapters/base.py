@@ -107,6 +107,35 @@ def _kwarg_cache(kwargs: dict[str, Any]) -> Any:
     return kwargs.get("cache", kwargs.get("past_key_values"))
 
 
+def encoded_index(images: list[ImageLayout], encoded: dict[str, int], by_kind: bool = True) -> list[int]:
+    """For each image (batch-major), the index of its features among the ``encoded[kind]`` features the vision
+    tower produced for its kind, in scatter order (``by_kind=False``: one list for all kinds, keyed "image").
+
+    From transformers 5.18 ``generate`` encodes each prompt once and only then repeats every prompt ``k`` times
+    (``num_beams``, ``num_return_sequences``; rows b*k .. b*k+k-1 are copies of prompt b), so the copies share their
+    prompt's features. Without such a repeat this is 0, 1, 2, ... per kind.
+    """
+    kinds = [image.kind if by_kind else "image" for image in images]
+    counts = [(kinds.count(kind), n) for kind, n in encoded.items() if n]
+    repeat = 1
+    if counts and all(have % n == 0 for have, n in counts) and len({have // n for have, n in counts}) == 1:
+        repeat = max(1, counts[0][0] // counts[0][1])
+    cursor = dict.fromkeys(encoded, 0)
+    first = dict(cursor)
+    row = -1
+    out = []
+    for image, kind in zip(images, kinds, strict=True):
+        if image.sample != row:
+            row = image.sample
+            if row % repeat == 0:
+                first = dict(cursor)
+            else:
+                cursor = dict(first)
+        out.append(cursor[kind])
+        cursor[kind] += 1
+    return out
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -161,7 +190,6 @@ class Adapter:
                 raise ValueError(
                     f"Stage {stage.point}:{stage.layer} names a decoder layer outside 0..{self.num_layers - 1}."
                 )
-        self.check_plan(plan)
         self.pruner = pruner
         self.plan = plan
         self._prefill_plan = sorted((s for s in plan if s.point != "decode"), key=lambda s: s.layer)
@@ -629,8 +657,9 @@ class Adapter:
         family that needs image metadata may also record it from its vision-side hooks."""
         raise NotImplementedError
 
-    def capture_hook(self, point: str, store: Callable[[Tensor], None]) -> Any:
-        """Register a hook that calls ``store(features)`` with the features at ``point``; return its handle."""
+    def capture_hook(self, point: str, store: Callable[[Any], None]) -> Any:
+        """Register a hook that calls ``store(features)`` with the features at ``point`` (or any record the family's
+        ``features_per_image`` reads) at every vision call; return its handle."""
         raise NotImplementedError
 
     def split_captured(self, point: str, features: Tensor) -> list[Tensor]:
@@ -641,10 +670,10 @@ class Adapter:
         """Per-image (n, C) features, in the order of ``images``, from what ``capture_hook`` stored for this prefill
         (one record per vision call). The default suits families whose vision tower runs once per prefill; a family
         that runs it once per modality (images, then videos) overrides this."""
-        return self.split_captured(point, records[-1])
-
-    def check_plan(self, plan: list[Stage]) -> None:
-        """Refuse, with a ValueError, stages this family cannot run; called by ``install`` before any hook."""
+        features = self.split_captured(point, records[-1])
+        index = encoded_index(images, {"image": len(features)}, by_kind=False)
+        # A count mismatch is reported by the caller, with the counts.
+        return [features[i] for i in index] if index and max(index) < len(features) else features
 
     def family_hooks(self) -> list[Any]:
         """Register hooks the family needs on every call (e.g. to record image metadata that ``generate`` no longer

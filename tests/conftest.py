@@ -51,6 +51,11 @@ def _runs(mask: torch.Tensor) -> list[torch.Tensor]:
     return list(positions.tensor_split(breaks)) if positions.numel() else []
 
 
+def _prompt_order(prompt: Prompt) -> list[str]:
+    """"image" / "video" in prompt order for families that interleave them: the videos follow the first image."""
+    return ["image"] * min(prompt.images, 1) + ["video"] * prompt.videos + ["image"] * (prompt.images - 1)
+
+
 class Factory:
     """What the test matrix needs from a family. The defaults fit families whose every image is one run of
     ``tokens_per_image(model)`` tokens and one ``pixel_values`` row (LLaVA-1.5)."""
@@ -119,12 +124,15 @@ class InternVLFactory(Factory):
 
     Like the processor, each image is ``<img>`` + ``<IMG_CONTEXT>`` x 16 x tiles + ``</img>``, its tiles being the
     dynamic crops plus a thumbnail when there is more than one crop; the tile count cycles through 1, 3, 5, 4 so
-    that token counts differ between images and samples.
+    that token counts differ between images and samples. A video (``Prompt.videos``, after the first image) is
+    ``Frame{i}: <img>`` + 16 tokens + ``</img>`` per frame, 2 frames, its pixels merged into ``pixel_values`` in
+    prompt order as the processor does.
     """
 
     model_type = "internvl"
     context_id, start_id, end_id = 4, 5, 6
     tile_counts = (1, 3, 5, 4)
+    frames = 2
 
     def build(self, attn: str = "eager"):
         from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
@@ -146,14 +154,17 @@ class InternVLFactory(Factory):
         rows, tiles = [], []
         for prompt in prompts:
             ids = [1] + torch.randint(8, vocab, (prompt.prefix,), generator=gen).tolist()
-            for _ in range(prompt.images):
-                count = self.tile_counts[(seed + len(tiles)) % len(self.tile_counts)]
-                ids += [self.start_id] + [self.context_id] * 16 * count + [self.end_id]
+            for kind in _prompt_order(prompt):
+                for frame in range(self.frames if kind == "video" else 1):
+                    count = 1 if kind == "video" else self.tile_counts[(seed + len(tiles)) % len(self.tile_counts)]
+                    if kind == "video":
+                        ids += [8 + frame]  # the "Frame{i}:" label
+                    ids += [self.start_id] + [self.context_id] * 16 * count + [self.end_id]
+                    tiles.append(torch.randn(count, 3, size, size, generator=gen))
                 ids += torch.randint(8, vocab, (2,), generator=gen).tolist()
-                tiles.append(torch.randn(count, 3, size, size, generator=gen))
             ids += torch.randint(8, vocab, (prompt.suffix,), generator=gen).tolist()
             rows.append(ids)
-        return {**left_pad(rows), "pixel_values": torch.cat(tiles)}
+        return {**left_pad(rows), **({"pixel_values": torch.cat(tiles)} if tiles else {})}
 
     def image_positions(self, model, inputs) -> list[list[torch.Tensor]]:
         visual = inputs["input_ids"] == self.context_id
@@ -220,7 +231,11 @@ class LlavaNextFactory(_AnyResFactory):
     def unpadded_features(self, height: int, width: int, scale_h: int, scale_w: int) -> tuple[int, int]:
         from transformers.models.llava_next.processing_llava_next import LlavaNextProcessor
 
-        return LlavaNextProcessor._get_unpadded_features(None, height, width, self.side, self.side, scale_h, scale_w)
+        # The processor's own arithmetic, called without building a processor (that needs a tokenizer).
+        processor = types.SimpleNamespace()
+        return LlavaNextProcessor._get_unpadded_features(
+            processor, height, width, self.side, self.side, scale_h, scale_w
+        )
 
     def inputs(self, model, prompts: list[Prompt], seed: int = 0) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
@@ -237,7 +252,10 @@ class LlavaNextFactory(_AnyResFactory):
                 tile_counts.append(tiles)
             ids += torch.randint(8, vocab, (prompt.suffix,), generator=gen).tolist()
             rows.append(ids)
-        return {**left_pad(rows), "pixel_values": self.pixels(gen, tile_counts), "image_sizes": torch.tensor(sizes)}
+        out = left_pad(rows)
+        if sizes:
+            out["pixel_values"], out["image_sizes"] = self.pixels(gen, tile_counts), torch.tensor(sizes)
+        return out
 
     def image_positions(self, model, inputs) -> list[list[torch.Tensor]]:
         sizes = iter(inputs["image_sizes"].tolist())
@@ -258,9 +276,9 @@ class LlavaNextFactory(_AnyResFactory):
 class LlavaOnevisionFactory(_AnyResFactory):
     """OneVision with a SigLIP tower (no CLS) and ``anyres_max_2``, so that large grids are down-sized.
 
-    A prompt with one image is tiled. A prompt with several images is OneVision's multi-image mode (no tiling: base
-    tile + newline each) and also gets one 2-frame video after its first image (2 x 2 pooled tokens per frame +
-    newline), so that every equivalence test runs images and video in one prompt, in prompt order.
+    A prompt with one image is tiled; a prompt with several images is OneVision's multi-image mode (no tiling: base
+    tile + newline each). A video (``Prompt.videos``, after the first image) has 2 frames of 2 x 2 pooled tokens
+    and a closing newline.
     """
 
     model_type = "llava_onevision"
@@ -305,34 +323,32 @@ class LlavaOnevisionFactory(_AnyResFactory):
         rows, sizes, tile_counts, videos = [], [], [], []
         for prompt in prompts:
             ids = [1] + torch.randint(8, vocab, (prompt.prefix,), generator=gen).tolist()
-            for index in range(prompt.images):
-                height, width = self.image_sizes[(seed + len(sizes)) % len(self.image_sizes)]
-                if prompt.images == 1:
-                    tiles, grid_rows, grid_cols = self.tiled_image(height, width)
-                    ids += [self.image_id] * (self.side**2 + grid_rows * (grid_cols + 1))
-                else:
-                    tiles = 1
-                    ids += [self.image_id] * (self.side**2 + 1)
-                ids += torch.randint(8, vocab, (2,), generator=gen).tolist()
-                sizes.append([height, width])
-                tile_counts.append(tiles)
-                if prompt.images > 1 and index == 0:
-                    ids += [self.video_id] * self.video_tokens + torch.randint(8, vocab, (2,), generator=gen).tolist()
+            for kind in _prompt_order(prompt):
+                if kind == "video":
+                    ids += [self.video_id] * self.video_tokens
                     videos.append(torch.randn(self.frames, 3, self.size, self.size, generator=gen))
+                else:
+                    height, width = self.image_sizes[(seed + len(sizes)) % len(self.image_sizes)]
+                    if prompt.images == 1:
+                        tiles, grid_rows, grid_cols = self.tiled_image(height, width)
+                        ids += [self.image_id] * (self.side**2 + grid_rows * (grid_cols + 1))
+                    else:
+                        tiles = 1
+                        ids += [self.image_id] * (self.side**2 + 1)
+                    sizes.append([height, width])
+                    tile_counts.append(tiles)
+                ids += torch.randint(8, vocab, (2,), generator=gen).tolist()
             ids += torch.randint(8, vocab, (prompt.suffix,), generator=gen).tolist()
             rows.append(ids)
-        out = {
-            **left_pad(rows),
-            "pixel_values": self.pixels(gen, tile_counts),
-            "image_sizes": torch.tensor(sizes),
-            "batch_num_images": torch.tensor([p.images for p in prompts]),
-        }
+        out = {**left_pad(rows), "batch_num_images": torch.tensor([p.images for p in prompts])}
+        if sizes:
+            out["pixel_values"], out["image_sizes"] = self.pixels(gen, tile_counts), torch.tensor(sizes)
         if videos:
             out["pixel_values_videos"] = torch.stack(videos)
         return out
 
     def image_positions(self, model, inputs) -> list[list[torch.Tensor]]:
-        sizes = iter(inputs["image_sizes"].tolist())
+        sizes = iter(inputs["image_sizes"].tolist() if "image_sizes" in inputs else [])
         out = []
         for b, count in enumerate(inputs["batch_num_images"].tolist()):
             entries = []
@@ -349,15 +365,13 @@ class LlavaOnevisionFactory(_AnyResFactory):
 
     def sample_inputs(self, batch, prompts: list[Prompt], b: int) -> dict[str, torch.Tensor]:
         before, count = sum(p.images for p in prompts[:b]), prompts[b].images
-        videos_before = sum(p.images > 1 for p in prompts[:b])
-        out = {
-            **unpadded_row(batch, b),
-            "pixel_values": batch["pixel_values"][before:before + count],
-            "image_sizes": batch["image_sizes"][before:before + count],
-            "batch_num_images": batch["batch_num_images"][b:b + 1],
-        }
-        if count > 1:
-            out["pixel_values_videos"] = batch["pixel_values_videos"][videos_before:videos_before + 1]
+        videos_before, videos = sum(p.videos for p in prompts[:b]), prompts[b].videos
+        out = {**unpadded_row(batch, b), "batch_num_images": batch["batch_num_images"][b:b + 1]}
+        if count:
+            out["pixel_values"] = batch["pixel_values"][before:before + count]
+            out["image_sizes"] = batch["image_sizes"][before:before + count]
+        if videos:
+            out["pixel_values_videos"] = batch["pixel_values_videos"][videos_before:videos_before + videos]
         return out
 
 
@@ -368,7 +382,8 @@ class _QwenFactory(Factory):
 
     Images cycle through patch grids of different shapes but the same 16 merged tokens (``tokens_per_image``), so
     that layouts and M-RoPE positions differ between images while per-image budgets stay comparable. A video
-    (``Prompt.videos``) has 2 temporal patches of 4 x 6 patches: 12 merged tokens, after the prompt's images.
+    (``Prompt.videos``, after the first image; ``sequence_inputs`` takes any order) has 2 temporal patches of 4 x 6
+    patches: 12 merged tokens.
     """
 
     image_id, video_id, start_id, end_id = 5, 6, 3, 4
@@ -395,6 +410,11 @@ class _QwenFactory(Factory):
         return self.image_grids[0][0] * self.image_grids[0][1] // self.merge**2
 
     def inputs(self, model, prompts: list[Prompt], seed: int = 0) -> dict[str, torch.Tensor]:
+        samples = [(p.prefix, _prompt_order(p), p.suffix) for p in prompts]
+        return self.sequence_inputs(model, samples, seed)
+
+    def sequence_inputs(self, model, samples: list[tuple[int, list[str], int]], seed: int = 0) -> dict:
+        """Like ``inputs``, for samples given as (prefix, ["image" | "video", ...] in prompt order, suffix)."""
         gen = torch.Generator().manual_seed(seed)
         vision = model.config.vision_config
         vocab = model.config.text_config.vocab_size
@@ -405,24 +425,24 @@ class _QwenFactory(Factory):
         def text(n: int) -> list[int]:
             return torch.randint(8, vocab, (n,), generator=gen).tolist()
 
-        for prompt in prompts:
-            ids = [1] + text(prompt.prefix)
-            for _ in range(prompt.images):
-                h, w = self.image_grids[len(grids) % len(self.image_grids)]
-                ids += [self.start_id] + [self.image_id] * (h * w // unit) + [self.end_id] + text(2)
-                pixels.append(torch.randn(h * w, patch_dim, generator=gen))
-                grids.append([1, h, w])
-            for _ in range(prompt.videos):
-                t, h, w = self.video_grid
-                if self.frame_runs:
-                    for _ in range(t):
-                        ids += text(1) + [self.start_id] + [self.video_id] * (h * w // unit) + [self.end_id]
+        for prefix, kinds, suffix in samples:
+            ids = [1] + text(prefix)
+            for kind in kinds:
+                if kind == "image":
+                    h, w = self.image_grids[len(grids) % len(self.image_grids)]
+                    ids += [self.start_id] + [self.image_id] * (h * w // unit) + [self.end_id]
+                    pixels.append(torch.randn(h * w, patch_dim, generator=gen))
+                    grids.append([1, h, w])
                 else:
-                    ids += [self.start_id] + [self.video_id] * (t * h * w // unit) + [self.end_id]
+                    t, h, w = self.video_grid
+                    runs = [h * w // unit] * t if self.frame_runs else [t * h * w // unit]
+                    for count in runs:
+                        ids += text(1) if self.frame_runs else []
+                        ids += [self.start_id] + [self.video_id] * count + [self.end_id]
+                    video_pixels.append(torch.randn(t * h * w, patch_dim, generator=gen))
+                    video_grids.append([t, h, w])
                 ids += text(2)
-                video_pixels.append(torch.randn(t * h * w, patch_dim, generator=gen))
-                video_grids.append([t, h, w])
-            ids += text(prompt.suffix)
+            ids += text(suffix)
             rows.append(ids)
         out = left_pad(rows)
         token_types = torch.zeros_like(out["input_ids"])

@@ -61,7 +61,8 @@ def _llm_inputs(model, inputs) -> dict:
         model(**inputs)
     finally:
         handle.remove()
-    return {key: seen.get(key) for key in ("inputs_embeds", "position_ids", "visual_pos_masks", "deepstack_visual_embeds")}
+    keys = ("inputs_embeds", "position_ids", "visual_pos_masks", "deepstack_visual_embeds")
+    return {key: seen.get(key) for key in keys}
 
 
 def _kept_llm_inputs(llm_inputs: dict, keep: torch.Tensor) -> dict:
