@@ -105,6 +105,12 @@ def gather_tokens(x: Tensor, index: Tensor, dim: int = 1) -> Tensor:
         ValueError: if ``dim`` is out of range or has no batch dim before it, or if ``index`` is not 2-D, not an
             integer tensor, on another device, or has a different batch size than ``x``.
     """
+    token_dim = _check_gather_inputs(x, index, dim)
+    return _gather(x, index, token_dim - 1, token_dim)
+
+
+def _check_gather_inputs(x: Tensor, index: Tensor, dim: int) -> int:
+    """Validate the arguments of :func:`gather_tokens` (every path shares these checks); return the token dim."""
     if x.ndim < 2:
         raise ValueError(
             f"x must have a batch dim and a token dim, but got shape {tuple(x.shape)}. "
@@ -119,7 +125,7 @@ def gather_tokens(x: Tensor, index: Tensor, dim: int = 1) -> Tensor:
             "gather_tokens expects the batch dim right before the token dim, e.g. dim=1 for (B, N, D)."
         )
     _check_index(index, x, token_dim - 1, "x")
-    return _gather(x, index, token_dim - 1, token_dim)
+    return token_dim
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,52 @@ def compact_sequence(
         ValueError: if ``index`` or ``valid`` is malformed, if the inputs disagree on batch size or token count N,
             or if a cache layer is not 4-D or holds more or fewer positions than N.
     """
+    pos_token_dim = _check_compact_inputs(
+        index, valid, hidden_states, position_ids, attention_mask, cache, position_dim
+    )
+    hidden_out = None if hidden_states is None else _gather(hidden_states, index, 0, 1)
+    pos_out = None if position_ids is None else _gather(position_ids, index, pos_token_dim - 1, pos_token_dim)
+    mask_out = _valid_mask(None if attention_mask is None else _gather(attention_mask, index, 0, 1), valid)
+    cache_out = None
+    if cache is not None:
+        cache_out = [(_gather(keys, index, 0, 2), _gather(values, index, 0, 2)) for keys, values in cache]
+
+    if not varlen:
+        return CompactedSequence(hidden_out, pos_out, mask_out, cache_out, None, None)
+
+    batch, kept = index.shape
+    if mask_out is None:
+        # Nothing is masked, so every sample keeps all M slots and the packing needs no device sync.
+        cu_seqlens = torch.arange(batch + 1, device=index.device, dtype=torch.int32) * kept
+        if hidden_out is not None:
+            hidden_out = hidden_out.flatten(0, 1)
+        if pos_out is not None:
+            pos_out = pos_out.flatten(pos_token_dim - 1, pos_token_dim).unsqueeze(pos_token_dim - 1)
+        return CompactedSequence(hidden_out, pos_out, None, cache_out, cu_seqlens, kept)
+
+    keep, counts, cu_seqlens = _varlen_counts(mask_out)
+    # FlashAttention takes max_seqlen as a Python int, so one sync here is unavoidable.
+    max_seqlen = int(counts.max()) if batch > 0 else 0
+    flat_keep = keep.flatten().nonzero().squeeze(1)
+    if hidden_out is not None:
+        hidden_out = hidden_out.flatten(0, 1).index_select(0, flat_keep)
+    if pos_out is not None:
+        flat_pos = pos_out.flatten(pos_token_dim - 1, pos_token_dim)
+        pos_out = flat_pos.index_select(pos_token_dim - 1, flat_keep).unsqueeze(pos_token_dim - 1)
+    return CompactedSequence(hidden_out, pos_out, None, cache_out, cu_seqlens, max_seqlen)
+
+
+def _check_compact_inputs(
+    index: Tensor,
+    valid: Tensor | None,
+    hidden_states: Tensor | None,
+    position_ids: Tensor | None,
+    attention_mask: Tensor | None,
+    cache: list[tuple[Tensor, Tensor]] | None,
+    position_dim: int,
+) -> int:
+    """Validate the arguments of :func:`compact_sequence` (every path shares these checks) before anything is
+    gathered; return the token dim of ``position_ids`` (0 when it is None)."""
     _check_index_layout(index)
     if valid is not None:
         if valid.shape != index.shape:
@@ -222,6 +274,7 @@ def compact_sequence(
                 "Pass the decoder's input embeddings before they are packed or flattened."
             )
         _token_length("hidden_states", hidden_states.shape[1], lengths)
+        _check_index(index, hidden_states, 0, "hidden_states")
     if position_ids is not None:
         if position_ids.ndim < 2 or not -position_ids.ndim <= position_dim < position_ids.ndim:
             raise ValueError(
@@ -236,6 +289,7 @@ def compact_sequence(
                 "(B, N) or (P, B, N) position ids."
             )
         _token_length("position_ids", position_ids.shape[pos_token_dim], lengths)
+        _check_index(index, position_ids, pos_token_dim - 1, "position_ids")
     if attention_mask is not None:
         if attention_mask.ndim != 2:
             raise ValueError(
@@ -243,6 +297,7 @@ def compact_sequence(
                 "Pass the tokenizer's mask, not the 4-D mask built inside the model."
             )
         _token_length("attention_mask", attention_mask.shape[1], lengths)
+        _check_index(index, attention_mask, 0, "attention_mask")
     if cache:
         for layer_idx, layer in enumerate(cache):
             if len(layer) != 2:
@@ -266,60 +321,26 @@ def compact_sequence(
                         f"{n_tokens} positions (keys[:, :, :{n_tokens}]) and keep the rest yourself."
                     )
                 _token_length(name, length, lengths)
+                _check_index(index, tensor, 0, name)
+    return pos_token_dim
 
-    def gather_checked(x: Tensor, batch_dim: int, token_dim: int, name: str) -> Tensor:
-        _check_index(index, x, batch_dim, name)
-        return _gather(x, index, batch_dim, token_dim)
 
-    hidden_out = None if hidden_states is None else gather_checked(hidden_states, 0, 1, "hidden_states")
-    pos_out = (
-        None
-        if position_ids is None
-        else gather_checked(position_ids, pos_token_dim - 1, pos_token_dim, "position_ids")
-    )
-    mask_out = None
-    if attention_mask is not None:
-        mask_out = gather_checked(attention_mask, 0, 1, "attention_mask")
-        if valid is not None:
-            mask_out = mask_out & valid if mask_out.dtype == torch.bool else mask_out * valid.to(mask_out.dtype)
-    elif valid is not None:
-        mask_out = valid.long()
-    cache_out = None
-    if cache is not None:
-        cache_out = [
-            (
-                gather_checked(keys, 0, 2, f"cache[{layer_idx}] keys"),
-                gather_checked(values, 0, 2, f"cache[{layer_idx}] values"),
-            )
-            for layer_idx, (keys, values) in enumerate(cache)
-        ]
-
-    if not varlen:
-        return CompactedSequence(hidden_out, pos_out, mask_out, cache_out, None, None)
-
-    batch, kept = index.shape
+def _valid_mask(mask_out: Tensor | None, valid: Tensor | None) -> Tensor | None:
+    """The (B, M) output mask: the gathered mask times ``valid`` in the mask's dtype, ``valid.long()`` alone."""
     if mask_out is None:
-        # Nothing is masked, so every sample keeps all M slots and the packing needs no device sync.
-        cu_seqlens = torch.arange(batch + 1, device=index.device, dtype=torch.int32) * kept
-        if hidden_out is not None:
-            hidden_out = hidden_out.flatten(0, 1)
-        if pos_out is not None:
-            pos_out = pos_out.flatten(pos_token_dim - 1, pos_token_dim).unsqueeze(pos_token_dim - 1)
-        return CompactedSequence(hidden_out, pos_out, None, cache_out, cu_seqlens, kept)
+        return None if valid is None else valid.long()
+    if valid is None:
+        return mask_out
+    return mask_out & valid if mask_out.dtype == torch.bool else mask_out * valid.to(mask_out.dtype)
 
+
+def _varlen_counts(mask_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Kept rows of a (B, M) output mask: (B, M) bool ``keep``, (B,) counts and (B + 1,) int32 ``cu_seqlens``."""
     keep = mask_out != 0
     counts = keep.sum(dim=1)
-    cu_seqlens = torch.zeros(batch + 1, device=index.device, dtype=torch.int32)
+    cu_seqlens = torch.zeros(mask_out.shape[0] + 1, device=mask_out.device, dtype=torch.int32)
     cu_seqlens[1:] = counts.cumsum(0)
-    # FlashAttention takes max_seqlen as a Python int, so one sync here is unavoidable.
-    max_seqlen = int(counts.max()) if batch > 0 else 0
-    flat_keep = keep.flatten().nonzero().squeeze(1)
-    if hidden_out is not None:
-        hidden_out = hidden_out.flatten(0, 1).index_select(0, flat_keep)
-    if pos_out is not None:
-        flat_pos = pos_out.flatten(pos_token_dim - 1, pos_token_dim)
-        pos_out = flat_pos.index_select(pos_token_dim - 1, flat_keep).unsqueeze(pos_token_dim - 1)
-    return CompactedSequence(hidden_out, pos_out, None, cache_out, cu_seqlens, max_seqlen)
+    return keep, counts, cu_seqlens
 
 
 def attention_rows(
@@ -354,6 +375,36 @@ def attention_rows(
     Raises:
         ValueError: if ranks, batch sizes, head counts, head dims, dtypes, devices or ``reduce`` are wrong.
     """
+    _check_attention_inputs(query, key, query_positions, key_padding_mask, reduce)
+    batch, heads, n_queries, head_dim = query.shape
+    _, kv_heads, n_keys, _ = key.shape
+    groups = heads // kv_heads
+    # Grouping the query heads per kv head avoids materialising repeat_kv's (B, H, N, Dh) copy of the keys.
+    grouped_query = query.float().reshape(batch, kv_heads, groups * n_queries, head_dim)
+    logits = (grouped_query @ key.float().transpose(-1, -2)).reshape(batch, heads, n_queries, n_keys) * scaling
+
+    key_range = torch.arange(n_keys, device=query.device)
+    allowed = key_range.view(1, 1, n_keys) <= query_positions.unsqueeze(-1)
+    if key_padding_mask is not None:
+        allowed = allowed & (key_padding_mask != 0).unsqueeze(1)
+    allowed = allowed.unsqueeze(1)
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
+    # Rows with no visible key are all -inf and softmax to NaN; zeros keep downstream sums and maxima finite.
+    probs = probs.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+
+    if reduce == "none":
+        return probs
+    if reduce == "mean":
+        return probs.mean(dim=1)
+    if reduce == "max":
+        return probs.amax(dim=1)
+    return probs.mean(dim=1), probs.amax(dim=1)
+
+
+def _check_attention_inputs(
+    query: Tensor, key: Tensor, query_positions: Tensor, key_padding_mask: Tensor | None, reduce: str
+) -> None:
+    """Validate the arguments of :func:`attention_rows` (every path shares these checks)."""
     if reduce not in _REDUCE_MODES:
         raise ValueError(f"reduce={reduce!r} is not supported. Use one of {list(_REDUCE_MODES)}.")
     if query.ndim != 4 or key.ndim != 4:
@@ -406,25 +457,3 @@ def attention_rows(
                 f"key_padding_mask is on {key_padding_mask.device} but query is on {query.device}. "
                 "Put both on the same device."
             )
-
-    groups = heads // kv_heads
-    # Grouping the query heads per kv head avoids materialising repeat_kv's (B, H, N, Dh) copy of the keys.
-    grouped_query = query.float().reshape(batch, kv_heads, groups * n_queries, head_dim)
-    logits = (grouped_query @ key.float().transpose(-1, -2)).reshape(batch, heads, n_queries, n_keys) * scaling
-
-    key_range = torch.arange(n_keys, device=query.device)
-    allowed = key_range.view(1, 1, n_keys) <= query_positions.unsqueeze(-1)
-    if key_padding_mask is not None:
-        allowed = allowed & (key_padding_mask != 0).unsqueeze(1)
-    allowed = allowed.unsqueeze(1)
-    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
-    # Rows with no visible key are all -inf and softmax to NaN; zeros keep downstream sums and maxima finite.
-    probs = probs.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
-
-    if reduce == "none":
-        return probs
-    if reduce == "mean":
-        return probs.mean(dim=1)
-    if reduce == "max":
-        return probs.amax(dim=1)
-    return probs.mean(dim=1), probs.amax(dim=1)
