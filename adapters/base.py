@@ -591,6 +591,7 @@ class Adapter:
             return hidden
         inverse = group.inverse(st.orig_len)
         hidden = hidden.clone()
+        written: list[Tensor | None] = [None] * len(st.images)
         for j, layout in enumerate(st.images):
             values = selection.values[j]
             if values is None:
@@ -598,7 +599,10 @@ class Adapter:
             if point == "encoder":
                 values = self.project(values)
             rows = inverse[layout.sample, layout.positions[st.kept[j]]]
-            hidden[layout.sample, rows] = values.to(hidden.dtype)
+            written[j] = values.to(hidden.dtype)
+            hidden[layout.sample, rows] = written[j]
+        # The rows as the LLM got them, so that a reference run can write the same ones (StageStats.values).
+        st.stats.stages[-1].values = written
         return hidden
 
     def _apply_decode_policies(self, st: _CallState, cache: Any) -> None:

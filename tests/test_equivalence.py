@@ -2,9 +2,11 @@
 
 A pruned model must compute exactly what the unpruned model computes when the dropped tokens are invisible:
 - keep=1.0 equals the unwrapped model;
-- pruning before the LLM equals the LLM fed only the kept features at their original positions;
-- pruning at llm:K (or evicting at decode:K) equals the unpruned model with the dropped keys masked from layer K on,
-  for the prefill logits and 8 greedy decode steps;
+- pruning before the LLM equals the LLM fed only the kept features at their original positions (with the rows a
+  method wrote into its kept slots, ``StageStats.values``, in place of theirs);
+- pruning at llm:K (or evicting at decode:K) equals the unpruned model with the dropped keys masked from layer K on
+  (every stage from its own layer on, and its written rows in place at that layer), for the prefill logits and 8
+  greedy decode steps;
 - a left-padded batch of different prompts equals each prompt alone;
 - the kept counts follow the budget, and last_stats agrees with itself.
 """
@@ -115,6 +117,69 @@ def _masked_reference(model, from_layer: int, dropped: torch.Tensor, decode_only
     return handles
 
 
+def _written_rows(factory, model, inputs, handle, hidden: torch.Tensor, stage: int) -> torch.Tensor:
+    """(B, L, D) hidden states in original positions with the rows that stage ``stage`` of the wrapped model
+    (``handle``: its ``model.vtprune``) wrote into its kept slots (``StageStats.values``) in their place."""
+    stats, raw = handle.last_stats, handle.adapter.last_stats
+    hidden = hidden.clone()
+    per_sample = zip(stats["samples"], factory.image_positions(model, inputs), strict=True)
+    for b, (sample, positions) in enumerate(per_sample):
+        written = raw.written_values(b, stage) or [None] * len(positions)
+        for image_positions, kept, values in zip(positions, sample["stages"][stage]["kept"], written, strict=True):
+            if values is not None:
+                hidden[b, image_positions[kept]] = values
+    return hidden
+
+
+def _layer_inputs(layer) -> tuple[list, object]:
+    """Record the hidden states ``layer`` receives, call by call, before any other pre-hook (vtprune's) edits them;
+    returns the list and the hook handle."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        seen.append(args[0] if args else kwargs["hidden_states"])
+
+    return seen, layer.register_forward_pre_hook(hook, with_kwargs=True, prepend=True)
+
+
+def _staged_reference(model, factory, inputs, handle) -> list:
+    """Hooks that make an unpruned eager model compute what the wrapped one (``handle``: its ``model.vtprune``) did:
+    from each recorded stage's layer on, the keys the stage left dropped are hidden (at prefill for prefill stages,
+    at decode steps for every stage), and the rows a stage wrote into its kept slots replace their hidden states at
+    that layer's prefill input."""
+    stats = handle.last_stats
+    layers = model.model.language_model.layers
+    hide = {"prefill": [None] * len(layers), "decode": [None] * len(layers)}
+    writes = {}
+    for s, stage in enumerate(stats["samples"][0]["stages"]):
+        dropped = _dropped(factory, model, inputs, stats, s)
+        for layer in range(stage["layer"], len(layers)):
+            if stage["point"] != "decode":
+                hide["prefill"][layer] = dropped
+            hide["decode"][layer] = dropped
+        if handle.adapter.last_stats.stages[s].values is not None:
+            writes[stage["layer"]] = s
+
+    def make_hook(layer_idx: int):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            prefill = hidden.shape[1] > 1
+            if prefill and layer_idx in writes:
+                hidden = _written_rows(factory, model, inputs, handle, hidden, writes[layer_idx])
+                args, kwargs = ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+            dropped = hide["prefill" if prefill else "decode"][layer_idx]
+            if dropped is not None:
+                mask = kwargs["attention_mask"]
+                keys = torch.zeros(dropped.shape[0], mask.shape[-1], dtype=torch.bool)
+                keys[:, : dropped.shape[1]] = dropped
+                kwargs["attention_mask"] = mask.masked_fill(keys[:, None, None, :], torch.finfo(mask.dtype).min)
+            return args, kwargs
+
+        return hook
+
+    return [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+
+
 def _greedy(model, inputs, steps: int = 8):
     out = model.generate(
         **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True,
@@ -143,36 +208,52 @@ def test_pruning_before_llm_equals_feeding_kept_features(case):
     factory = FACTORIES[family]
     model = factory.build("sdpa")
     inputs = factory.inputs(model, [Prompt(images=2, videos=1)], seed=3)
+    layers = model.model.language_model.layers
     with torch.no_grad():
         llm_inputs = _llm_inputs(model, inputs)
         vtprune.wrap(model, method, keep=0.25, **_options(where))
+        # A method that also prunes inside the LLM is compared on the sequence entering its first stage there.
+        inside = [s.layer for s in model.vtprune.pruner.plan(len(layers)) if s.point == "llm" and s.layer > 0]
+        if inside:
+            seen, hook = _layer_inputs(layers[inside[0]])
         pruned = model(**inputs).logits
-        keep = ~_dropped(factory, model, inputs, model.vtprune.last_stats)[0]
-        hidden = model.model.language_model(**_kept_llm_inputs(llm_inputs, keep)).last_hidden_state
-        reference = model.lm_head(hidden)
+        stats = model.vtprune.last_stats
+        entry = sum(s["layer"] == 0 and s["point"] != "decode" for s in stats["samples"][0]["stages"]) - 1
+        keep = ~_dropped(factory, model, inputs, stats, entry)[0]
+        embeds = _written_rows(factory, model, inputs, model.vtprune, llm_inputs["inputs_embeds"], entry)
+        vtprune.unwrap(model)
+        hidden = model.model.language_model(**_kept_llm_inputs({**llm_inputs, "inputs_embeds": embeds}, keep))
+        if inside:
+            hook.remove()
+            pruned, reference = seen
+        else:
+            reference = model.lm_head(hidden.last_hidden_state)
     torch.testing.assert_close(pruned, reference, atol=ATOL, rtol=0)
+
+
+def assert_equals_staged_reference(family: str, attn: str, method: str, **options) -> dict:
+    """Greedy generation of the wrapped model equals ``_staged_reference`` on an eager model; returns last_stats."""
+    factory = FACTORIES[family]
+    model = factory.build(attn)
+    reference_model = factory.build("eager")
+    inputs = factory.inputs(model, [Prompt(images=1, prefix=2), Prompt(images=2, prefix=5, videos=1)], seed=1)
+    with torch.no_grad():
+        vtprune.wrap(model, method, keep=0.25, **options)
+        tokens, logits = _greedy(model, inputs)
+        handles = _staged_reference(reference_model, factory, inputs, model.vtprune)
+        ref_tokens, ref_logits = _greedy(reference_model, inputs)
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+    return model.vtprune.last_stats
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_pruned_generation_equals_masked_reference(case, attn):
     method, family, where = case
-    factory = FACTORIES[family]
-    model = factory.build(attn)
-    reference_model = factory.build("eager")
-    inputs = factory.inputs(model, [Prompt(images=1, prefix=2), Prompt(images=2, prefix=5, videos=1)], seed=1)
-    with torch.no_grad():
-        vtprune.wrap(model, method, keep=0.25, **_options(where))
-        tokens, logits = _greedy(model, inputs)
-        stats = model.vtprune.last_stats
-        point, layer = parse_where(where) if where else ("llm", 0)
-        dropped = _dropped(factory, model, inputs, stats)
-        handles = _masked_reference(reference_model, layer, dropped, decode_only=point == "decode")
-        ref_tokens, ref_logits = _greedy(reference_model, inputs)
-        for handle in handles:
-            handle.remove()
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
-    assert torch.equal(tokens, ref_tokens)
+    assert_equals_staged_reference(family, attn, method, **_options(where))
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -208,20 +289,36 @@ def test_kept_count_follows_budget(case, budget):
         # Two new tokens, so that decode-time policies (which act after prefill) have run too.
         model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
     stats = model.vtprune.last_stats
-    point, layer = parse_where(where) if where else ("llm", 0)
-    fraction = stage_fraction(keep, budget, layer, num_layers)
+    # Stages in the order the adapter applies them: prefill stages by layer, then decode-time policies.
+    plan = sorted(model.vtprune.pruner.plan(num_layers), key=lambda s: (s.point == "decode", s.layer))
+    if where:
+        point, layer = parse_where(where)
+        assert [(s.point, s.layer, s.fraction) for s in plan] == [
+            (point, layer, stage_fraction(keep, budget, layer, num_layers))
+        ]
     for sample, positions in zip(stats["samples"], factory.image_positions(model, inputs), strict=True):
         sizes = [p.numel() for p in positions]
-        expected = [kept_count(fraction, n) for n in sizes]
-        kept = sample["stages"][-1]["kept"]
-        assert [len(k) for k in kept] == expected
-        assert all(len(set(k)) == len(k) and max(k) < n for k, n in zip(kept, sizes, strict=True))
+        expected_per_layer = [sum(sizes)] * num_layers
+        present, adapted = sizes, False
+        assert len(sample["stages"]) == len(plan)
+        for stage, record in zip(plan, sample["stages"], strict=True):
+            assert (record["point"], record["layer"]) == (stage.point, stage.layer)
+            expected = [min(p, kept_count(stage.fraction, n)) for p, n in zip(present, sizes, strict=True)]
+            counts = [len(k) for k in record["kept"]]
+            if stage.adaptive:
+                # The budget is an upper bound the method may undercut (ToDRE's relevance check keeps all or none).
+                assert all(c <= e for c, e in zip(counts, expected, strict=True))
+                adapted |= counts != expected
+            else:
+                assert counts == expected
+            for kept, n in zip(record["kept"], sizes, strict=True):
+                assert len(set(kept)) == len(kept) and all(i < n for i in kept)
+            expected_per_layer[stage.layer:] = [sum(counts)] * (num_layers - stage.layer)
+            present = counts
+            assert record["seconds"] >= 0
         per_layer = sample["tokens_per_layer"]
-        assert len(per_layer) == num_layers
-        assert per_layer[:layer] == [sum(sizes)] * layer
-        assert per_layer[layer:] == [sum(expected)] * (num_layers - layer)
+        assert per_layer == expected_per_layer
         assert sample["K_in"] == per_layer[0]
         assert sample["K_avg"] == pytest.approx(sum(per_layer) / num_layers)
-        if budget == "average":
+        if budget == "average" and not adapted:
             assert sample["K_avg"] == pytest.approx(keep * sum(sizes), abs=len(sizes))
-        assert sample["stages"][-1]["seconds"] >= 0

@@ -19,11 +19,14 @@ class Stage:
             >= ``layer``, after prefill).
         layer: decoder layer index; 0 for the points before the LLM.
         fraction: visual tokens left after this stage, as a fraction of the image's original count.
+        adaptive: the pruner may keep fewer tokens than ``fraction`` says, down to none, depending on the input
+            (ToDRE's relevance check); ``fraction`` is then an upper bound and budgets do not count the stage.
     """
 
     point: str
     layer: int
     fraction: float
+    adaptive: bool = False
 
 
 @dataclass
@@ -92,6 +95,14 @@ class PruneContext:
     def device(self) -> torch.device:
         return self.images[0].original_indices.device
 
+    def image_groups(self) -> list[list[int]]:
+        """Indices into ``images`` of the images that share a token count and a budget, so that a method can batch
+        each group into one (G, n, C) tensor instead of looping over images."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for j, image in enumerate(self.images):
+            groups.setdefault((image.num_tokens, image.budget), []).append(j)
+        return list(groups.values())
+
 
 @dataclass
 class Selection:
@@ -109,10 +120,15 @@ class Selection:
 
 @dataclass
 class StageStats:
+    """What one stage did. ``values``: per image, the (k, D) LLM-space rows the adapter wrote into the kept slots
+    (encoder-point values after ``project``), in the order of ``kept``; None for an image (or for the whole stage)
+    whose kept tokens went on unchanged."""
+
     point: str
     layer: int
     kept: list[Tensor]  # per image: kept indices into the original visual tokens
     seconds: float
+    values: list[Tensor | None] | None = None
 
 
 @dataclass
@@ -123,6 +139,15 @@ class CallStats:
     image_tokens: list[int] = field(default_factory=list)
     stages: list[StageStats] = field(default_factory=list)
     tokens_per_layer: Tensor | None = None  # (B, num_layers) visual tokens processed by each decoder layer
+
+    def written_values(self, sample: int, stage: int = -1) -> list[Tensor | None] | None:
+        """Per image of batch row ``sample``, the (k, D) rows stage ``stage`` wrote into its kept slots (see
+        ``StageStats.values``); None where the stage wrote none. Kept out of ``as_dict``, which stays JSON-friendly
+        and only flags such stages with ``"wrote_values"``."""
+        values = self.stages[stage].values
+        if values is None:
+            return None
+        return [values[j] for j, s in enumerate(self.image_sample) if s == sample]
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-Python view (this converts device tensors, so it syncs; call it outside hot loops)."""
@@ -136,15 +161,19 @@ class CallStats:
                     "tokens_per_layer": layers,
                     "K_in": layers[0] if layers else 0,
                     "K_avg": sum(layers) / len(layers) if layers else 0.0,
-                    "stages": [
-                        {
-                            "point": st.point,
-                            "layer": st.layer,
-                            "kept": [st.kept[j].tolist() for j in images],
-                            "seconds": st.seconds,
-                        }
-                        for st in self.stages
-                    ],
+                    "stages": [_stage_dict(st, images) for st in self.stages],
                 }
             )
         return {"samples": samples}
+
+
+def _stage_dict(stage: StageStats, images: list[int]) -> dict[str, Any]:
+    out = {
+        "point": stage.point,
+        "layer": stage.layer,
+        "kept": [stage.kept[j].tolist() for j in images],
+        "seconds": stage.seconds,
+    }
+    if stage.values is not None:
+        out["wrote_values"] = [stage.values[j] is not None for j in images]
+    return out

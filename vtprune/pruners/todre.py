@@ -1,0 +1,225 @@
+"""ToDRE: token diversity before the LLM, task relevance inside it (arXiv 2505.18757).
+
+Paper: "Effective Visual Token Pruning via Token Diversity and Task Relevance" (arXiv 2505.18757 v2; the v1
+abstract described stage 1 as greedy k-center). No official code was found; re-implemented from the v2 text
+(shared/METHODS.md §1).
+
+Stage 1, on the projected visual tokens of each image (LLM embedding space), keeps k = round(keep·n) tokens by
+greedy max-sum diversification on cosine similarity: start from a pivot, then repeatedly add the token whose summed
+similarity to the tokens picked so far is smallest (one mat-vec per step, batched over images of equal size).
+``selection="kcenter"`` is the v1 rule instead: add the token farthest (cosine distance) from its nearest pick.
+
+Stage 2, inside the LLM: at layer ℓ (``relevance_layer``, 7L/8 by default) the head-mean attention of the text
+queries after the image and of the visual queries gives
+    α_t→v = Σ_{i∈T} Σ_{j∈V} A_ij / Σ_{i∈T} Σ_j A_ij   and   α_v→t = Σ_{i∈V} Σ_{j∈T} A_ij / Σ_{i∈V} Σ_j A_ij;
+where both are below τ = 0.10 every visual token of that sample is removed from layer ℓ + 1 on (layers ≤ ℓ keep
+their visual keys). The attention rows come from the adapter's probe, so any attention backend works.
+
+Faithful: max-sum (v2) and k-center (v1) selection in fp32 on normalised tokens, kept tokens in original order with
+their original positions, both ratios with τ = 0.10, attention read at ℓ = 7L/8 and removal after it (the stage
+runs at the input of decoder layer ℓ + 1 and reads layer ℓ), the per-sample decision, stage 2 not counted in the
+budget (``budget`` "input" and "average" both keep k = round(keep·n) before the LLM).
+
+Differs:
+- Pivot: the token nearest (cosine) to the mean of the image's normalised tokens, not the argmax of the ViT CLS
+  attention row (the CLS pivot is not implemented: vtprune's context exposes no CLS row yet, as no adapter probes
+  the vision tower). The paper itself uses a random pivot where there is no CLS (Qwen2.5-VL) and its appendix finds
+  the choice nearly irrelevant (random 95.8% vs CLS 96.0%); METHODS.md §1 accepts nearest-to-mean. No thumbnail-
+  or frame-wise pivot rule, and one selection per image / tile group / video with k = keep·n of its own tokens
+  (the paper does not specify multi-image prompts).
+- T (the text queries and keys of the ratios) is the text after the sample's first visual token: text before the
+  image cannot see it under causal attention. Layout tokens (LLaVA-NeXT row newlines) count neither as V nor T, and
+  they stay when stage 2 fires (vtprune never drops them).
+- ℓ = round(7L/8) (Python rounding: 24 for L = 28) is clamped to L - 2 so that a layer is left to remove the
+  tokens from; for the 4-layer test models ℓ = 2 and the removal starts at layer 3.
+- keep=1.0 is the exact identity, as for every vtprune method: it turns stage 2 off too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from vtprune.config import PrunerConfig
+from vtprune.pruners.base import Pruner
+from vtprune.registry import register_pruner
+from vtprune.state import PruneContext, Selection, Stage
+
+SELECTIONS = ("maxsum", "kcenter")
+
+
+@dataclass(frozen=True)
+class ToDREConfig(PrunerConfig):
+    """Attributes:
+    selection: "maxsum" (greedy max-sum diversification, paper v2) or "kcenter" (greedy k-center / farthest point
+        on cosine distance, paper v1).
+    tau: relevance threshold τ; stage 2 removes a sample's visual tokens where both ratios are below it (0.10).
+        0 turns stage 2 off.
+    relevance_layer: ℓ, the decoder layer whose attention decides; visual tokens go from layer ℓ + 1 on. None =
+        round(7L/8) clamped to L - 2 (28 of 32; 2 of the 4-layer test models). Must be in 0..L-2.
+    """
+
+    method = "todre"
+    selection: str = "maxsum"
+    tau: float = 0.10
+    relevance_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection={self.selection!r} is not one of {list(SELECTIONS)}.")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
+            raise TypeError(f"tau must be a number, got {type(self.tau).__name__}.")
+        if not 0.0 <= self.tau <= 1.0:
+            raise ValueError(f"tau={self.tau} is outside [0, 1]; it is a fraction of attention mass (paper: 0.10).")
+        if self.relevance_layer is not None:
+            if isinstance(self.relevance_layer, bool) or not isinstance(self.relevance_layer, int):
+                raise TypeError(f"relevance_layer must be an int or None, got {type(self.relevance_layer).__name__}.")
+            if self.relevance_layer < 0:
+                raise ValueError(f"relevance_layer={self.relevance_layer} must be >= 0.")
+
+
+def nearest_to_mean(x: Tensor) -> Tensor:
+    """(B, n, C) unit-norm tokens -> (B,) index of the token most cosine-similar to their mean."""
+    return (x @ x.mean(dim=1, keepdim=True).transpose(1, 2)).squeeze(-1).argmax(dim=1)
+
+
+def _similarity_to(x: Tensor, index: Tensor) -> Tensor:
+    """(B, n, C), (B,) -> (B, n) dot products of every token with token ``index`` of its row."""
+    picked = x.gather(1, index[:, None, None].expand(-1, 1, x.shape[-1]))
+    return (x @ picked.transpose(1, 2)).squeeze(-1)
+
+
+def max_sum_diversify(x: Tensor, count: int, pivot: Tensor) -> Tensor:
+    """Greedy max-sum diversification: (B, n, C) unit-norm tokens -> (B, count) picks, pivot first.
+
+    Step t adds the unpicked token with the smallest summed cosine similarity to the t picks so far.
+    """
+    score = _similarity_to(x, pivot)
+    picked = torch.zeros_like(score, dtype=torch.bool).scatter_(1, pivot[:, None], True)
+    picks = [pivot]
+    for _ in range(count - 1):
+        nxt = score.masked_fill(picked, float("inf")).argmin(dim=1)
+        picked.scatter_(1, nxt[:, None], True)
+        picks.append(nxt)
+        score = score + _similarity_to(x, nxt)
+    return torch.stack(picks, dim=1)
+
+
+def k_center(x: Tensor, count: int, pivot: Tensor) -> Tensor:
+    """Greedy k-center (farthest point) on cosine distance: (B, n, C) unit-norm tokens -> (B, count) picks."""
+    nearest = 1 - _similarity_to(x, pivot)
+    picked = torch.zeros_like(nearest, dtype=torch.bool).scatter_(1, pivot[:, None], True)
+    picks = [pivot]
+    for _ in range(count - 1):
+        nxt = nearest.masked_fill(picked, float("-inf")).argmax(dim=1)
+        picked.scatter_(1, nxt[:, None], True)
+        picks.append(nxt)
+        nearest = torch.minimum(nearest, 1 - _similarity_to(x, nxt))
+    return torch.stack(picks, dim=1)
+
+
+def relevance_ratios(
+    rows: Tensor, query_is_text: Tensor, query_is_visual: Tensor, key_is_text: Tensor, key_is_visual: Tensor
+) -> tuple[Tensor, Tensor]:
+    """ToDRE's two ratios per sample from head-mean attention rows.
+
+    Args:
+        rows: (B, Q, L) attention probabilities of Q query rows over the L keys.
+        query_is_text, query_is_visual: (B, Q) which rows are text queries (T) and visual queries (V); padding rows
+            are neither.
+        key_is_text, key_is_visual: (B, L) which keys belong to T and V.
+
+    Returns:
+        (B,) α_t→v and (B,) α_v→t; NaN where a sample has no query of that kind.
+    """
+    to_visual = (rows * key_is_visual[:, None].to(rows.dtype)).sum(-1)
+    to_text = (rows * key_is_text[:, None].to(rows.dtype)).sum(-1)
+    total = rows.sum(-1)
+    qt, qv = query_is_text.to(rows.dtype), query_is_visual.to(rows.dtype)
+    alpha_tv = (to_visual * qt).sum(1) / (total * qt).sum(1)
+    alpha_vt = (to_text * qv).sum(1) / (total * qv).sum(1)
+    return alpha_tv, alpha_vt
+
+
+@register_pruner("todre")
+class ToDREPruner(Pruner):
+    config_cls = ToDREConfig
+    paper = "ToDRE: Effective Visual Token Pruning via Token Diversity and Task Relevance (arXiv 2505.18757)"
+    status = "approximation"
+    points = ("projector", "llm:K")
+    flash_compatible = True
+    needs_training = "none"
+
+    def relevance_layer(self, num_layers: int) -> int:
+        if self.config.relevance_layer is not None:
+            layer = self.config.relevance_layer
+        else:
+            layer = min(round(7 * num_layers / 8), num_layers - 2)
+        if not 0 <= layer <= num_layers - 2:
+            raise ValueError(
+                f"ToDRE's relevance_layer={layer} is outside 0..{num_layers - 2} for a model with {num_layers} "
+                "decoder layers: the visual tokens are removed from the layer after it, which must exist. Pick an "
+                "earlier layer, or tau=0 to run the diversity stage alone."
+            )
+        return layer
+
+    def plan(self, num_layers: int) -> list[Stage]:
+        keep = self.config.keep
+        # Stage 2 is adaptive and, as in the paper, outside the budget: stage 1 keeps keep*n under both budgets.
+        stages = [Stage("projector", 0, keep)]
+        if self.config.tau > 0 and keep < 1.0:
+            stages.append(Stage("llm", self.relevance_layer(num_layers) + 1, keep, adaptive=True))
+        return stages
+
+    def select(self, ctx: PruneContext) -> Selection:
+        if ctx.point == "llm":
+            return self._relevance(ctx)
+        keep = [torch.arange(image.num_tokens, device=ctx.device) for image in ctx.images]
+        pick = max_sum_diversify if self.config.selection == "maxsum" else k_center
+        for group in ctx.image_groups():
+            first = ctx.images[group[0]]
+            if first.budget >= first.num_tokens:
+                continue
+            x = F.normalize(torch.stack([ctx.images[j].features for j in group]).float(), dim=-1)
+            chosen = pick(x, first.budget, nearest_to_mean(x))
+            for row, j in enumerate(group):
+                keep[j] = chosen[row]
+        return Selection(keep=keep)
+
+    def _relevance(self, ctx: PruneContext) -> Selection:
+        """Keep every visual token of a sample, or none where its text and visual tokens no longer attend across."""
+        if ctx.attention_rows is None or ctx.text_positions is None or ctx.attention_mask is None:
+            raise RuntimeError("ToDRE's relevance stage needs attention rows and text positions from the adapter.")
+        batch, length = ctx.attention_mask.shape
+        device = ctx.device
+        key_is_visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
+        for image in ctx.images:
+            key_is_visual[image.sample, image.positions] = True
+        # T = text after the sample's first visual token (earlier text cannot see the image).
+        first_visual = torch.where(key_is_visual.any(1), key_is_visual.int().argmax(1), length)
+        key_is_text = torch.zeros_like(key_is_visual)
+        for b, positions in enumerate(ctx.text_positions):
+            key_is_text[b, positions] = True
+        key_is_text &= torch.arange(length, device=device)[None] > first_visual[:, None]
+        queries = key_is_text | key_is_visual
+        # (B, Q) query positions: each sample's T and V rows, padded with position 0 (neither T nor V).
+        count = queries.sum(1)
+        # One sync: the probe takes a fixed number of query rows per sample.
+        width = max(1, int(count.max()))
+        order = torch.argsort(queries.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
+        valid = torch.arange(width, device=device)[None] < count[:, None]
+        query_positions = torch.where(valid, order, torch.zeros_like(order))
+        rows = ctx.attention_rows(query_positions)
+        query_is_text = key_is_text.gather(1, query_positions) & valid
+        query_is_visual = key_is_visual.gather(1, query_positions) & valid
+        alpha_tv, alpha_vt = relevance_ratios(rows, query_is_text, query_is_visual, key_is_text, key_is_visual)
+        # NaN (no text after the image, or no visual query) compares False: such a sample keeps its tokens, except
+        # that a missing α_v→t alone (no visual token left) cannot veto.
+        # One sync for the whole batch: the kept counts (all or none) size the next layers' sequence anyway.
+        faded = ((alpha_tv < self.config.tau) & ~(alpha_vt >= self.config.tau)).tolist()
+        keep = [torch.arange(0 if faded[image.sample] else image.num_tokens, device=device) for image in ctx.images]
+        return Selection(keep=keep)
