@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -146,7 +147,7 @@ def _sync_timing(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Adapter:
+class Adapter(ABC):
     """Base class of every family adapter; subclasses fill in the family-specific methods at the bottom."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
@@ -649,26 +650,26 @@ class Adapter:
         return entry.inverse(st.orig_len).gather(1, group.index).clamp(min=0), group.valid
 
     # ------------------------------------------------------------------------------ family-specific methods
+    @abstractmethod
     def visual_token_ids(self) -> list[int]:
         """Token ids of the visual placeholders (image and video)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def image_layout(self, input_ids: Tensor, visual_mask: Tensor, model_kwargs: dict[str, Any]) -> list[ImageLayout]:
         """Split the visual tokens of a batch into images, batch-major, in the order the model scatters them.
 
         ``model_kwargs`` are the keyword arguments of this prefill's ``model.model`` call (``image_sizes``,
         ``image_grid_thw``, ...); from transformers 5.18 ``generate`` encodes the images before that call, so a
         family that needs image metadata may also record it from its vision-side hooks."""
-        raise NotImplementedError
 
     def capture_hook(self, point: str, store: Callable[[Any], None]) -> Any:
         """Register a hook that calls ``store(features)`` with the features at ``point`` (or any record the family's
         ``features_per_image`` reads) at every vision call; return its handle."""
-        raise NotImplementedError
+        raise ValueError(f"{type(self).__name__} cannot capture features at the '{point}' point; use 'llm:K'.")
 
     def split_captured(self, point: str, features: Tensor) -> list[Tensor]:
         """Per-image (n, C) features from what ``capture_hook`` stored."""
-        raise NotImplementedError
+        raise ValueError(f"{type(self).__name__} has no per-image split of '{point}' features; use 'llm:K'.")
 
     def features_per_image(self, point: str, records: list[Any], images: list[ImageLayout]) -> list[Tensor]:
         """Per-image (n, C) features, in the order of ``images``, from what ``capture_hook`` stored for this prefill
@@ -688,11 +689,16 @@ class Adapter:
         """Prune, in ``kwargs``, the LLM inputs besides embeddings, positions and mask that hold one entry per token
         (Qwen3-VL's deepstack features). The LLM's input is now the (B, M) original rows ``index``; slots with
         ``valid`` False are fillers. Called once per prefill, after the LLM-entry stages."""
+        return None
 
     def layer0_rows_dropped(self, count: int) -> None:
         """Decoder layer 0's cache now holds ``count`` fewer prompt rows than before (LLM-entry pruning, or a decode
         policy at layer 0): families that derive decode positions from the cache length correct them here."""
+        return None
 
     def project(self, encoder_features: Tensor) -> Tensor:
         """Map (n, C_vis) encoder features to the LLM's embedding space, for values written at the encoder point."""
-        raise NotImplementedError
+        raise ValueError(
+            f"{type(self).__name__} cannot map encoder-point values into the LLM space; write values at the "
+            "'projector' point instead."
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 from vtprune.budget import stage_fraction
@@ -9,7 +10,7 @@ from vtprune.config import PrunerConfig, parse_where
 from vtprune.state import PruneContext, Selection, Stage
 
 
-class Pruner:
+class Pruner(ABC):
     """Base class of every method. Subclasses set the class attributes and implement ``plan`` and ``select``.
 
     Class attributes (shown by ``vtprune methods`` and README's method table):
@@ -35,13 +36,13 @@ class Pruner:
             raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}.")
         self.config = config
 
+    @abstractmethod
     def plan(self, num_layers: int) -> list[Stage]:
         """The stages this method drops at, for an LLM with ``num_layers`` decoder layers."""
-        raise NotImplementedError
 
+    @abstractmethod
     def select(self, ctx: PruneContext) -> Selection:
         """Choose the tokens to keep at one stage; ``ctx.images[j].budget`` says how many."""
-        raise NotImplementedError
 
 
 def single_stage_plan(config: PrunerConfig, where: str, num_layers: int) -> list[Stage]:
