@@ -99,7 +99,7 @@ class _CallState:
     decode_mask2d: Tensor | None = None  # this decode step's mask in original coordinates
     phase: str = "prefill"
     layer: int = 0  # the decoder layer running now (set by its pre-hook)
-    probe_inputs: dict[int, tuple[Tensor, tuple[Tensor, Tensor]]] = field(default_factory=dict)
+    probe_inputs: dict[int, tuple[Tensor, tuple[Tensor, Tensor], Any]] = field(default_factory=dict)
     stats: CallStats = field(default_factory=CallStats)
 
 
@@ -430,7 +430,7 @@ class Adapter(ABC):
             st = self.state
             if st is not None and st.phase == "prefill-llm":
                 hidden = args[0] if args else kwargs["hidden_states"]
-                st.probe_inputs[layer_idx] = (hidden, kwargs["position_embeddings"])
+                st.probe_inputs[layer_idx] = (hidden, kwargs["position_embeddings"], _kwarg_cache(kwargs))
 
         return capture
 
@@ -527,7 +527,7 @@ class Adapter(ABC):
     def _probe(self, st: _CallState, layer_idx: int, key_mask: Tensor) -> Callable[[Tensor], Tensor]:
         def rows(query_positions: Tensor) -> Tensor:
             """(B, Q) query rows of the current sequence -> (B, Q, L) head-mean attention of layer K-1."""
-            hidden, (cos, sin) = st.probe_inputs[layer_idx]
+            hidden, (cos, sin), cache = st.probe_inputs[layer_idx]
             attn = self.layers[layer_idx].self_attn
             batch, length = hidden.shape[:2]
             cos = cos.expand(batch, *cos.shape[1:])
@@ -539,14 +539,26 @@ class Adapter(ABC):
             q = q.transpose(1, 2)
             qc, qs = gather_tokens(cos, query_positions)[:, None], gather_tokens(sin, query_positions)[:, None]
             q = q * qc + _rotate_half(q) * qs
-            k = attn.k_proj(hidden).view(batch, length, -1, attn.head_dim)
-            if hasattr(attn, "k_norm"):
-                k = attn.k_norm(k)
-            k = k.transpose(1, 2)
-            k = k * cos[:, None] + _rotate_half(k) * sin[:, None]
-            return attention_rows(q, k, query_positions, key_mask, attn.scaling)
+            return attention_rows(q, self._probe_keys(attn, layer_idx, hidden, cos, sin, cache), query_positions,
+                                  key_mask, attn.scaling)
 
         return rows
+
+    @staticmethod
+    def _probe_keys(attn: nn.Module, layer_idx: int, hidden: Tensor, cos: Tensor, sin: Tensor, cache: Any) -> Tensor:
+        """(B, Hkv, L, Dh) post-RoPE keys of layer K-1: read from its cache layer (layer K-1 has just written them)
+        rather than recomputing k_proj over the whole sequence; recomputed only without a cache."""
+        batch, length = hidden.shape[:2]
+        layers = getattr(cache, "layers", None)
+        if layers is not None and layer_idx < len(layers):
+            keys = getattr(layers[layer_idx], "keys", None)
+            if isinstance(keys, Tensor) and keys.dim() == 4 and keys.shape[0] == batch and keys.shape[2] == length:
+                return keys
+        k = attn.k_proj(hidden).view(batch, length, -1, attn.head_dim)
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k)
+        k = k.transpose(1, 2)
+        return k * cos[:, None] + _rotate_half(k) * sin[:, None]
 
     def _select(self, ctx: PruneContext) -> tuple[Selection, float]:
         _sync_timing(ctx.device)
