@@ -220,13 +220,7 @@ def compact_sequence(
 
     batch, kept = index.shape
     if mask_out is None:
-        # Nothing is masked, so every sample keeps all M slots and the packing needs no device sync.
-        cu_seqlens = torch.arange(batch + 1, device=index.device, dtype=torch.int32) * kept
-        if hidden_out is not None:
-            hidden_out = hidden_out.flatten(0, 1)
-        if pos_out is not None:
-            pos_out = pos_out.flatten(pos_token_dim - 1, pos_token_dim).unsqueeze(pos_token_dim - 1)
-        return CompactedSequence(hidden_out, pos_out, None, cache_out, cu_seqlens, kept)
+        return _pack_unmasked(index, hidden_out, pos_out, cache_out, pos_token_dim)
 
     keep, counts, cu_seqlens = _varlen_counts(mask_out)
     # FlashAttention takes max_seqlen as a Python int, so one sync here is unavoidable.
@@ -332,6 +326,19 @@ def _valid_mask(mask_out: Tensor | None, valid: Tensor | None) -> Tensor | None:
     if valid is None:
         return mask_out
     return mask_out & valid if mask_out.dtype == torch.bool else mask_out * valid.to(mask_out.dtype)
+
+
+def _pack_unmasked(index: Tensor, hidden_out: Tensor | None, pos_out: Tensor | None,
+                   cache_out: list[tuple[Tensor, Tensor]] | None, pos_token_dim: int) -> CompactedSequence:
+    """Varlen packing when nothing is masked: every sample keeps all M slots, so packing is a reshape and needs no
+    device sync. Shared by the reference and the Triton path."""
+    batch, kept = index.shape
+    cu_seqlens = torch.arange(batch + 1, device=index.device, dtype=torch.int32) * kept
+    if hidden_out is not None:
+        hidden_out = hidden_out.flatten(0, 1)
+    if pos_out is not None:
+        pos_out = pos_out.flatten(pos_token_dim - 1, pos_token_dim).unsqueeze(pos_token_dim - 1)
+    return CompactedSequence(hidden_out, pos_out, None, cache_out, cu_seqlens, kept)
 
 
 def _varlen_counts(mask_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -41,6 +41,7 @@ from vtprune.kernels.reference import (
     _check_attention_inputs,
     _check_compact_inputs,
     _check_gather_inputs,
+    _pack_unmasked,
     _valid_mask,
     _varlen_counts,
 )
@@ -619,13 +620,7 @@ def compact_sequence(
             pos_out = _gather_launch([position_ids], index, pos_token_dim - 1, pos_token_dim)[0]
         if not varlen:
             return CompactedSequence(hidden_out, pos_out, mask_out, cache_out, None, None)
-        # Nothing is masked, so every sample keeps all M slots and the packing is a reshape.
-        cu_seqlens = torch.arange(batch + 1, device=index.device, dtype=torch.int32) * kept
-        if hidden_out is not None:
-            hidden_out = hidden_out.flatten(0, 1)
-        if pos_out is not None:
-            pos_out = pos_out.flatten(pos_token_dim - 1, pos_token_dim).unsqueeze(pos_token_dim - 1)
-        return CompactedSequence(hidden_out, pos_out, None, cache_out, cu_seqlens, kept)
+        return _pack_unmasked(index, hidden_out, pos_out, cache_out, pos_token_dim)
 
     keep, counts, cu_seqlens = _varlen_counts(mask_out)
     rank = keep.cumsum(dim=1) - 1
