@@ -395,6 +395,10 @@ class Adapter(ABC):
         stage = st.prefill_stages.pop(0)
         hidden = args[0] if args else kwargs["hidden_states"]
         current = self._group_of(st, layer_idx)
+        if current.start > 0:
+            # A second drop inside the LLM: the layer's kwargs still hold the positions of the whole LLM call, the
+            # hidden states those of the group an earlier in-LLM drop made.
+            kwargs = {**kwargs, **{k: v for k, v in current.layer_kwargs.items() if k != "attention_mask"}}
         ctx = self._context(st, stage, current, features=None, hidden=hidden)
         selection, seconds = self._select(ctx)
         group = self._apply(st, stage, ctx, selection, seconds, current)

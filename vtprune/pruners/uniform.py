@@ -48,23 +48,31 @@ def lattice(rows: int, cols: int, count: int) -> Tensor:
 
 
 def nearest_present(image: ImageTokens, wanted: Tensor) -> Tensor:
-    """Map wanted raster indices to distinct positions in ``image.original_indices`` (nearest on the grid)."""
-    present = image.original_indices.cpu()
+    """Map wanted raster indices to as many distinct positions in ``image.original_indices``, near on the grid.
+
+    Vectorised on the tokens' device (no loop over tokens, no sync): every present token goes to its nearest wanted
+    point, every wanted point keeps its closest token (ties by index), and wanted points whose cell holds no present
+    token are made up by the present tokens farthest from those chosen.
+    """
+    present = image.original_indices
     if present.numel() == image.grid[0] * image.grid[1]:
-        return wanted
-    cols = image.grid[1]
+        return wanted.to(present.device)
+    cols, n = image.grid[1], present.numel()
+    wanted = wanted.to(present.device)
     coords = torch.stack((present // cols, present % cols), -1).float()
     target = torch.stack((wanted // cols, wanted % cols), -1).float()
-    dist = torch.cdist(target, coords)
-    chosen = []
-    taken = torch.zeros(present.numel(), dtype=torch.bool)
-    # Loop over the (few) kept lattice points, not over tokens: greedy distinct nearest neighbours.
-    for row in dist:
-        row = row.masked_fill(taken, float("inf"))
-        j = int(row.argmin())
-        taken[j] = True
-        chosen.append(j)
-    return torch.tensor(chosen, dtype=torch.long)
+    # Squared grid distances are small integers, exact in fp32; (d², index) then orders tokens without ties.
+    squared = torch.cdist(coords, target).square().round().long()
+    nearest, owner = squared.min(dim=1)
+    key = nearest * n + torch.arange(n, device=present.device)
+    best = torch.full((wanted.numel(),), torch.iinfo(key.dtype).max, dtype=key.dtype, device=key.device)
+    best = best.scatter_reduce(0, owner, key, reduce="amin")
+    chosen = key == best[owner]
+    uncovered = best == torch.iinfo(key.dtype).max
+    gap = squared.masked_fill(~uncovered[None, :], torch.iinfo(key.dtype).max).amin(dim=1)
+    # Chosen tokens first, then the tokens nearest to a wanted point that found none in its cell.
+    rank = torch.where(chosen, torch.zeros_like(gap) - 1, gap)
+    return rank.topk(wanted.numel(), largest=False).indices
 
 
 @register_pruner("uniform")
