@@ -12,8 +12,8 @@ Sections (a failing section or case prints its traceback and the rest still run)
   in one launch, a full ``compact_sequence`` and its varlen packing; achieved bandwidth as a fraction of the copy,
   speed-up over PyTorch advanced indexing and over the reference (``torch.gather``), bit-exact checks.
 - ``probe``: ``attention_rows`` for Q = 1, 8, 32 query rows at N = 616, B = 8 (and long sequences), alone and as
-  the adapter's whole probe (q/k projections + RoPE + rows), as a fraction of one ``LlamaDecoderLayer`` forward
-  (7B shapes, bf16, sdpa) at the same N and B.
+  the adapter's whole probe (q projection of the query rows + RoPE + rows; the keys come from the KV cache), as a
+  fraction of one ``LlamaDecoderLayer`` forward (7B shapes, bf16, sdpa) at the same N and B.
 - ``e2e``: prefill of B = 8 prompts (616 tokens, 576 image tokens) through a LLaVA-1.5-7B-shaped model (CLIP-L/336
   tower, Llama-7B, random bf16 weights), unpruned, ``vtprune.wrap(model, "uniform", keep=0.11)`` at the projector
   point and at ``llm:2``, and the ideal: vision + projector + the LLM fed only the 40 + 63 kept tokens.
@@ -419,8 +419,17 @@ def bench_probe(report: Report, shapes: Shapes, device: torch.device) -> None:
         if fast["graph_ms"]:
             note = f"GPU {fast['graph_ms'] * 1e3:,.1f} us; " + note
         if of_layer:
-            whole = timed(lambda: probe(hidden, cos, sin, positions, mask, triton_kernels.attention_rows),
-                          shapes.warmup_ms, shapes.rep_ms)
+            # The adapter reads layer K-1's keys (RoPE applied) from the KV cache: the probe adds q for the query
+            # rows, their RoPE and the rows.
+            def cached_probe() -> torch.Tensor:
+                with torch.no_grad():
+                    picked = [torch.gather(t, 1, positions[..., None].expand(-1, -1, t.shape[-1]))
+                              for t in (hidden, cos, sin)]
+                    q = attn.q_proj(picked[0]).view(batch, n_queries, heads, head_dim).transpose(1, 2)
+                    q = q * picked[1][:, None] + rotate_half(q) * picked[2][:, None]
+                    return triton_kernels.attention_rows(q, k, positions, mask, scaling, "mean")
+
+            whole = timed(cached_probe, shapes.warmup_ms, shapes.rep_ms)
             entry["whole_probe"] = whole
             entry["rows_fraction_of_layer"] = fast["ms"] / layer_t["ms"]
             entry["whole_probe_fraction_of_layer"] = whole["ms"] / layer_t["ms"]

@@ -1,0 +1,295 @@
+"""Prefill time of every method on a LLaVA-1.5-7B-shaped model, against the unpruned model and each method's ideal.
+
+    python -m vtprune.eval.bench_prefill --out $OUT/bench_prefill.json      # on a GPU, a few minutes on an H100
+    python -m vtprune.eval.bench_prefill --smoke                            # tiny shapes on CPU: a dry run
+
+Sections (a failing case prints its traceback and the rest still run):
+
+- ``methods``: B = 8 prompts (40 text + 576 image tokens, CLIP-L/336 + Llama-7B, random bf16 weights, sdpa),
+  ``vtprune.wrap(model, method, keep=0.11, budget=...)`` for every method (and both budgets where they differ).
+  Each is compared with the unpruned model and with its *own ideal*: a hand-written loop over the decoder layers
+  that feeds every layer exactly the visual token count the method left there (read from ``last_stats``), with
+  the kept rows fixed in advance: the same FLOPs with no selection, no hooks and no bookkeeping. The loop itself
+  is checked against HF's forward on the unpruned model (``manual_unpruned``).
+- ``selection``: ToDRE's greedy max-sum / k-center loops alone at N = 576, 2,880 (AnyRes) and 6,300 (video), keep
+  0.11, B = 1 and 8, D = 4096.
+- ``profile``: ``torch.profiler`` over one pruned prefill (uniform at the projector) and its ideal: GPU busy time,
+  host syncs, and the ops with the most host time, to explain the gap to the ideal.
+
+Times are medians of ``triton.testing.do_bench`` on CUDA (CUDA events), wall clock on CPU (smoke only: never a
+speed claim).
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vtprune.eval.bench_kernels import FULL, SMOKE, Report, Shapes, build_llava, timed
+
+KEEP = 0.11
+METHOD_CASES = (
+    ("uniform@projector", "uniform", {"where": "projector"}),
+    ("uniform@llm:2", "uniform", {"where": "llm:2"}),
+    ("random", "random", {}),
+    ("apet/input", "apet", {"budget": "input"}),
+    ("apet/average", "apet", {"budget": "average"}),
+    ("todre/maxsum", "todre", {}),
+    ("todre/kcenter", "todre", {"selection": "kcenter"}),
+    ("adsc/input", "adsc", {"budget": "input"}),
+    ("adsc/average", "adsc", {"budget": "average"}),
+)
+
+
+class Bench:
+    """The 7B-shaped model, its inputs, and the hand-written ideal prefill for any per-layer visual schedule."""
+
+    def __init__(self, shapes: Shapes, device: torch.device) -> None:
+        self.device = device
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.model = build_llava(shapes, device, self.dtype)
+        config = self.model.config
+        self.image_tokens = (shapes.vision["image_size"] // shapes.vision["patch_size"]) ** 2
+        self.batch, self.text = shapes.e2e_batch, shapes.text_tokens
+        self.length = self.image_tokens + self.text
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, config.image_token_id, (self.batch, self.length), generator=gen)
+        ids[:, 0] = 1
+        ids[:, 2 : 2 + self.image_tokens] = config.image_token_id
+        size = shapes.vision["image_size"]
+        self.inputs = {
+            "input_ids": ids.to(device),
+            "attention_mask": torch.ones(self.batch, self.length, dtype=torch.long, device=device),
+            "pixel_values": torch.randn(self.batch, 3, size, size, generator=gen).to(device, self.dtype),
+        }
+        lm = self.model.model.language_model
+        params = inspect.signature(type(lm.layers[0]).forward).parameters
+        self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
+
+    def prefill(self):
+        with torch.no_grad():
+            return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
+
+    def ideal(self, counts: list[int]):
+        """A prefill whose decoder layer i sees ``counts[i]`` visual tokens (an even stride of the image, fixed in
+        advance) and every text token; returns the function to time."""
+        from transformers import DynamicCache
+
+        model, lm = self.model, self.model.model.language_model
+        config = model.config
+        text_ids = torch.cat((self.inputs["input_ids"][:, :2], self.inputs["input_ids"][:, 2 + self.image_tokens:]), 1)
+        # Per change of count: the rows of the current sequence to keep (visual rows by an even stride).
+        plan: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        present = torch.arange(self.image_tokens)
+        positions = torch.arange(self.length)
+        for layer, count in enumerate(counts):
+            if count != present.numel() or layer == 0:
+                pick = ((torch.arange(count) + 0.5) * present.numel() / count).long()
+                rows = torch.cat((torch.arange(2), 2 + pick, torch.arange(2 + present.numel(),
+                                                                           2 + present.numel() + self.text - 2)))
+                positions = positions[rows]
+                present = present[pick]
+                plan[layer] = (rows.to(self.device), positions.to(self.device))
+
+        def run():
+            with torch.no_grad():
+                features = model.model.get_image_features(
+                    pixel_values=self.inputs["pixel_values"], vision_feature_layer=config.vision_feature_layer,
+                    vision_feature_select_strategy=config.vision_feature_select_strategy,
+                )
+                pooled = getattr(features, "pooler_output", features)
+                pooled = torch.stack(list(pooled)) if isinstance(pooled, list | tuple) else pooled
+                text = model.get_input_embeddings()(text_ids)
+                hidden = torch.cat((text[:, :2], pooled.reshape(self.batch, self.image_tokens, -1).to(text.dtype),
+                                    text[:, 2:]), dim=1)
+                cache = DynamicCache(config=lm.config)
+                position_embeddings = None
+                for i, layer in enumerate(lm.layers):
+                    if i in plan:
+                        rows, pos = plan[i]
+                        hidden = hidden.index_select(1, rows)
+                        pos = pos[None].expand(self.batch, -1)
+                        position_embeddings = lm.rotary_emb(hidden, pos)
+                    out = layer(hidden, attention_mask=None, position_ids=pos, use_cache=True,
+                                position_embeddings=position_embeddings, **{self.cache_kwarg: cache})
+                    hidden = out[0] if isinstance(out, tuple) else out
+                return model.lm_head(lm.norm(hidden[:, -1:]))
+
+        return run
+
+
+def bench_methods(report: Report, bench: Bench, shapes: Shapes) -> None:
+    import vtprune
+
+    num_layers = len(bench.model.model.language_model.layers)
+    results: dict[str, Any] = {"B": bench.batch, "N": bench.length, "image_tokens": bench.image_tokens, "keep": KEEP}
+    warm, rep = shapes.e2e_warmup_ms, shapes.e2e_rep_ms
+
+    def measure(fn) -> dict[str, float]:
+        if bench.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(bench.device)
+        t = timed(fn, warm, rep)
+        if bench.device.type == "cuda":
+            t["peak_GiB"] = torch.cuda.max_memory_allocated(bench.device) / 2**30
+        return t
+
+    base = results["unpruned"] = measure(bench.prefill)
+    report.row(f"prefill unpruned B={bench.batch} N={bench.length}", f"{base['ms']:,.2f} ms", "")
+    loop = bench.ideal([bench.image_tokens] * num_layers)
+    # The loop must compute what HF's forward computes, or its times say nothing about the ideal.
+    expected, got = bench.prefill().logits[:, -1].float(), loop()[:, -1].float()
+    results["manual_rel_error"] = float((got - expected).norm() / expected.norm())
+    if results["manual_rel_error"] > (2e-2 if bench.dtype == torch.bfloat16 else 1e-4):
+        raise RuntimeError(f"the hand-written loop differs from HF's forward: {results['manual_rel_error']:.2e}")
+    manual = results["manual_unpruned"] = measure(loop)
+    report.row("hand-written loop, unpruned", f"{manual['ms']:,.2f} ms",
+               f"{manual['ms'] / base['ms']:.3f} of HF's forward, rel err {results['manual_rel_error']:.1e}")
+
+    for label, method, options in METHOD_CASES:
+
+        def case(label=label, method=method, options=options) -> None:
+            vtprune.wrap(bench.model, method, keep=KEEP, **options)
+            try:
+                bench.prefill()
+                stats = bench.model.vtprune.last_stats
+                t = measure(bench.prefill)
+            finally:
+                vtprune.unwrap(bench.model)
+            per_layer = [sample["tokens_per_layer"] for sample in stats["samples"]]
+            counts = per_layer[0]
+            ideal = measure(bench.ideal(counts))
+            t.update({
+                "ideal_ms": ideal["ms"], "vs_unpruned": t["ms"] / base["ms"], "vs_ideal": t["ms"] / ideal["ms"],
+                "K_in": stats["samples"][0]["K_in"], "K_avg": stats["samples"][0]["K_avg"],
+                "tokens_per_layer": counts, "samples_differ": any(c != counts for c in per_layer),
+                "select_host_ms": [round(s["seconds"] * 1e3, 3) for s in stats["samples"][0]["stages"]],
+            })
+            results[label] = t
+            report.row(f"{label} keep={KEEP}", f"{t['ms']:,.2f} ms",
+                       f"{t['vs_unpruned']:.3f} of unpruned; ideal {ideal['ms']:,.2f} ms -> {t['vs_ideal']:.2f}x; "
+                       f"K_in={t['K_in']}, K_avg={t['K_avg']:.1f}")
+
+        report.guard(f"methods/{label}", case)
+    report.put("methods", "result", results)
+
+
+def bench_selection(report: Report, shapes: Shapes, device: torch.device) -> None:
+    import torch.nn.functional as F
+
+    from vtprune.pruners.todre import k_center, max_sum_diversify, nearest_to_mean
+
+    sizes = (576, 2880, 6300) if shapes is FULL else (40, 90)
+    results = {}
+    for batch in (1, 8) if shapes is FULL else (1, 2):
+        for n in sizes:
+            def case(batch=batch, n=n) -> None:
+                count = round(KEEP * n)
+                x = F.normalize(torch.randn(batch, n, shapes.hidden, device=device), dim=-1)
+                pivot = nearest_to_mean(x)
+                entry = {}
+                for name, fn in (("maxsum", max_sum_diversify), ("kcenter", k_center)):
+                    entry[name] = timed(lambda fn=fn: fn(x, count, pivot), shapes.warmup_ms, shapes.rep_ms)
+                results[f"B{batch}_N{n}"] = {"k": count, **entry}
+                report.row(f"todre selection B={batch} N={n} k={count}", f"{entry['maxsum']['ms']:,.2f} ms",
+                           f"max-sum; k-center {entry['kcenter']['ms']:,.2f} ms")
+
+            report.guard(f"selection/B{batch}_N{n}", case)
+    report.put("selection", "result", results)
+
+
+def bench_profile(report: Report, bench: Bench) -> None:
+    import vtprune
+
+    if bench.device.type != "cuda":
+        report.row("profile", "skipped", "needs a GPU")
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    num_layers = len(bench.model.model.language_model.layers)
+    kept = max(1, round(KEEP * bench.image_tokens))
+    ideal = bench.ideal([kept] * num_layers)
+    results = {}
+    for label, fn in (("uniform@projector", bench.prefill), ("ideal", ideal)):
+        if label != "ideal":
+            vtprune.wrap(bench.model, "uniform", keep=KEEP)
+        try:
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                fn()
+                torch.cuda.synchronize()
+            wall = (time.perf_counter() - started) * 1e3
+        finally:
+            if vtprune.is_wrapped(bench.model):
+                vtprune.unwrap(bench.model)
+        events = prof.key_averages()
+        device_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+        syncs = {e.key: e.count for e in events
+                 if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense",
+                              "aten::item", "cudaMemcpyAsync", "aten::nonzero")}
+        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+        results[label] = {
+            "wall_ms_profiled": round(wall, 2),
+            "device_busy_ms": round(device_us / 1e3, 2),
+            "host_syncs": syncs,
+            "top_host_ops": [{"op": e.key, "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3)}
+                             for e in top],
+        }
+        report.row(f"profile {label}", f"{device_us / 1e3:,.2f} ms GPU", f"wall {wall:,.2f} ms (profiled); {syncs}")
+    report.put("profile", "result", results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default_out = Path(os.environ["OUT"]) / "bench_prefill.json" if os.environ.get("OUT") else None
+    parser.add_argument("--out", type=Path, default=default_out, help="JSON path (default $OUT/bench_prefill.json)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, for a dry run on CPU")
+    parser.add_argument("--sections", default="methods,selection,profile",
+                        help="comma-separated subset of methods,selection,profile")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.smoke:
+        parser.error("without a GPU only --smoke makes sense (CPU times are no speed claim)")
+    shapes = SMOKE if args.smoke else FULL
+    import transformers
+
+    meta = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
+        "smoke": args.smoke, "date": time.strftime("%Y-%m-%d"),
+        "command": "python -m vtprune.eval.bench_prefill " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    report = Report(args.out, meta)
+    print(json.dumps(meta), flush=True)
+    wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(wanted) - {"methods", "selection", "profile"})
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from methods, selection, profile")
+    total = time.perf_counter()
+    bench = Bench(shapes, device) if {"methods", "profile"} & set(wanted) else None
+    for name in wanted:
+        if name == "methods":
+            report.run(name, lambda: bench_methods(report, bench, shapes))
+        elif name == "selection":
+            report.run(name, lambda: bench_selection(report, shapes, device))
+        else:
+            report.run(name, lambda: bench_profile(report, bench))
+    report.put("total", "seconds", round(time.perf_counter() - total, 1))
+    report.save()
+    report.table()
+    return 1 if report.data["errors"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""Accuracy of every registered method on the reference checkpoints, per keep and budget (one GPU call).
+
+    python -m vtprune.eval.pruner_job --limit 300 --out "$OUT"             # all families, in parallel processes
+    python -m vtprune.eval.pruner_job --families llava --limit 4 --methods uniform,adsc --out /tmp/p  # CPU smoke
+
+Each family runs in its own process (tiny models leave most of a GPU idle) and evaluates the test split: unpruned,
+then each method at keep 0.11 / 0.22 / 0.33 under ``budget="input"`` and ``budget="average"``. A method whose plan
+is the same under both budgets (one drop before the LLM, or ToDRE whose in-LLM stage is outside the budget) runs
+once and is reported under both. Writes ``pruners.json`` (render it with ``python -m vtprune.eval.report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+KEEPS = (0.11, 0.22, 0.33)
+BUDGETS = ("input", "average")
+FAMILIES = ("llava", "qwen2_5_vl", "internvl")
+
+
+def plans_differ(method: str, keep: float, num_layers: int) -> bool:
+    """Whether ``method`` drops differently under the two budgets on an LLM of ``num_layers`` layers."""
+    from vtprune.registry import get_pruner_class
+
+    cls = get_pruner_class(method)
+    plans = []
+    for budget in BUDGETS:
+        try:
+            plans.append(cls(cls.config_cls(keep=keep, budget=budget)).plan(num_layers))
+        except ValueError:
+            return True  # infeasible under one budget: run both so the error is recorded
+    return plans[0] != plans[1]
+
+
+def evaluate_family(family: str, checkpoint: Path, methods: list[str], limit: int | None) -> dict:
+    import torch
+    import transformers
+
+    import vtprune
+    from vtprune.eval import accuracy, reference
+
+    spec = reference.get_family(family)
+    model_cls = getattr(transformers, spec.model_class)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model_cls.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
+    num_layers = model.config.text_config.num_hidden_layers
+    categories = list(spec.categories)
+    results: dict = {}
+
+    def run(name: str, method: str | None = None, **options) -> None:
+        started = time.time()
+        try:
+            if method is not None:
+                vtprune.wrap(model, method, **options)
+            results[name] = accuracy.evaluate(model, spec, categories, limit=limit, batch_size=64, progress=False)
+        except Exception:  # one failing configuration must not lose the others of a paid GPU call
+            results[name] = {"error": traceback.format_exc(limit=4)}
+        finally:
+            if vtprune.is_wrapped(model):
+                vtprune.unwrap(model)
+        results[name + ".seconds"] = round(time.time() - started, 1)
+        summary = {c: round(v["accuracy"], 3) for c, v in results[name].items() if isinstance(v, dict)}
+        print(family, name, summary or results[name], flush=True)
+
+    run("unpruned")
+    for method in methods:
+        for keep in KEEPS:
+            if plans_differ(method, keep, num_layers):
+                for budget in BUDGETS:
+                    run(f"{method}@{keep}/{budget}", method, keep=keep, budget=budget)
+            else:
+                run(f"{method}@{keep}", method, keep=keep)
+                results[f"{method}@{keep}/input"] = results[f"{method}@{keep}/average"] = f"{method}@{keep}"
+    return results
+
+
+def child(family: str, checkpoints: Path, methods: list[str], limit: int | None, work: Path) -> int:
+    results = {"family": family, "accuracy": evaluate_family(family, checkpoints / family, methods, limit)}
+    (work / f"{family}.json").write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
+    parser.add_argument("--limit", type=int, help="items per category (default: the whole test split)")
+    parser.add_argument("--family", help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    import vtprune
+
+    methods = args.methods.split(",") if args.methods else vtprune.list_methods()
+    unknown = sorted(set(methods) - set(vtprune.list_methods()))
+    if unknown:
+        parser.error(f"unknown methods {unknown}; registered: {vtprune.list_methods()}")
+    if args.family:
+        return child(args.family, args.checkpoints, methods, args.limit, args.work)
+
+    work = args.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    started = time.time()
+    for family in args.families.split(","):
+        cmd = [sys.executable, "-m", "vtprune.eval.pruner_job", "--family", family, "--work", str(work),
+               "--out", str(args.out), "--checkpoints", str(args.checkpoints.resolve()),
+               "--methods", ",".join(methods)]
+        if args.limit:
+            cmd += ["--limit", str(args.limit)]
+        log = open(args.out / f"pruners_{family}.log", "w")  # noqa: SIM115 - closed after the child ends
+        procs[family] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+    status = {}
+    for family, (proc, log) in procs.items():
+        status[family] = proc.wait()
+        log.close()
+    import torch
+
+    merged = {
+        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "date": time.strftime("%Y-%m-%d"),
+        "command": "python -m vtprune.eval.pruner_job " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "note": f"test split, first {args.limit or 'all'} items per category, fp32; keep per image",
+        "seconds": round(time.time() - started, 1),
+        "status": status,
+        "families": {},
+    }
+    for family in procs:
+        result = work / f"{family}.json"
+        if result.exists():
+            merged["families"][family] = json.loads(result.read_text())
+    (args.out / "pruners.json").write_text(json.dumps(merged, indent=2) + "\n")
+    print(json.dumps(status))
+    return 0 if all(code == 0 for code in status.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
