@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.family:
         return child(args.family, args.checkpoints, methods, args.limit, args.work)
 
-    work = args.out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="vtprune-pruners-"))
+    args.out.mkdir(parents=True, exist_ok=True)
     procs = {}
     started = time.time()
     for family in args.families.split(","):
