@@ -1,12 +1,13 @@
 """Accuracy of every registered method on the reference checkpoints, per keep and budget (one GPU call).
 
-    python -m vtprune.eval.pruner_job --limit 300 --out "$OUT"             # all families, in parallel processes
-    python -m vtprune.eval.pruner_job --families llava --limit 4 --methods uniform,adsc --out /tmp/p  # CPU smoke
+    python -m vtprune.eval.pruner_job --limit 200 --out "$OUT"              # every family and method, on a GPU
+    python -m vtprune.eval.pruner_job --families llava --limit 2 --methods adsc --keeps 0.11 --out /tmp/p  # smoke
 
-Each family runs in its own process (tiny models leave most of a GPU idle) and evaluates the test split: unpruned,
-then each method at keep 0.11 / 0.22 / 0.33 under ``budget="input"`` and ``budget="average"``. A method whose plan
-is the same under both budgets (one drop before the LLM, or ToDRE whose in-LLM stage is outside the budget) runs
-once and is reported under both. Writes ``pruners.json`` (render it with ``python -m vtprune.eval.report``).
+Every (family, method, keep) runs in its own process (the tiny models leave most of a GPU idle; the host-side work
+per batch is the bottleneck) and evaluates the test split: unpruned, then each method at keep 0.11 / 0.22 / 0.33
+under ``budget="input"`` and ``budget="average"``. A method whose plan is the same under both budgets (one drop
+before the LLM, or ToDRE whose in-LLM stage is outside the budget) runs once and is reported under both. Writes
+``pruners.json`` (render it with ``python -m vtprune.eval.report``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def plans_differ(method: str, keep: float, num_layers: int) -> bool:
     return plans[0] != plans[1]
 
 
-def evaluate_family(family: str, checkpoint: Path, methods: list[str], limit: int | None) -> dict:
+def evaluate_family(family: str, checkpoint: Path, methods: list[str], keeps: tuple[float, ...],
+                    limit: int | None) -> dict:
     import torch
     import transformers
 
@@ -68,9 +70,11 @@ def evaluate_family(family: str, checkpoint: Path, methods: list[str], limit: in
         summary = {c: round(v["accuracy"], 3) for c, v in results[name].items() if isinstance(v, dict)}
         print(family, name, summary or results[name], flush=True)
 
-    run("unpruned")
     for method in methods:
-        for keep in KEEPS:
+        if method == "unpruned":
+            run("unpruned")
+            continue
+        for keep in keeps:
             if plans_differ(method, keep, num_layers):
                 for budget in BUDGETS:
                     run(f"{method}@{keep}/{budget}", method, keep=keep, budget=budget)
@@ -80,9 +84,15 @@ def evaluate_family(family: str, checkpoint: Path, methods: list[str], limit: in
     return results
 
 
-def child(family: str, checkpoints: Path, methods: list[str], limit: int | None, work: Path) -> int:
-    results = {"family": family, "accuracy": evaluate_family(family, checkpoints / family, methods, limit)}
-    (work / f"{family}.json").write_text(json.dumps(results, indent=2) + "\n")
+def child(family: str, checkpoints: Path, methods: list[str], keeps: tuple[float, ...], limit: int | None,
+          work: Path) -> int:
+    import torch
+
+    # Many of these processes share the host: a few threads each keep them from fighting over the cores.
+    torch.set_num_threads(2)
+    results = evaluate_family(family, checkpoints / family, methods, keeps, limit)
+    name = "+".join(methods) + "@" + "+".join(map(str, keeps))
+    (work / f"{family}__{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 
@@ -93,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
     parser.add_argument("--limit", type=int, help="items per category (default: the whole test split)")
+    parser.add_argument("--keeps", default=",".join(map(str, KEEPS)))
     parser.add_argument("--family", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -100,11 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     import vtprune
 
     methods = args.methods.split(",") if args.methods else vtprune.list_methods()
-    unknown = sorted(set(methods) - set(vtprune.list_methods()))
+    keeps = tuple(float(k) for k in args.keeps.split(","))
+    unknown = sorted(set(methods) - set(vtprune.list_methods()) - {"unpruned"})
     if unknown:
         parser.error(f"unknown methods {unknown}; registered: {vtprune.list_methods()}")
     if args.family:
-        return child(args.family, args.checkpoints, methods, args.limit, args.work)
+        return child(args.family, args.checkpoints, methods, keeps, args.limit, args.work)
 
     import tempfile
 
@@ -112,17 +124,20 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     procs = {}
     started = time.time()
-    for family in args.families.split(","):
+    # One process per (family, method, keep): the evaluation is bound by host-side work per batch, not by the GPU.
+    jobs = [(family, "unpruned", keeps[0]) for family in args.families.split(",")]
+    jobs += [(family, method, keep) for family in args.families.split(",") for method in methods for keep in keeps]
+    for family, method, keep in jobs:
         cmd = [sys.executable, "-m", "vtprune.eval.pruner_job", "--family", family, "--work", str(work),
-               "--out", str(args.out), "--checkpoints", str(args.checkpoints.resolve()),
-               "--methods", ",".join(methods)]
+               "--out", str(args.out), "--checkpoints", str(args.checkpoints.resolve()), "--methods", method,
+               "--keeps", str(keep)]
         if args.limit:
             cmd += ["--limit", str(args.limit)]
-        log = open(args.out / f"pruners_{family}.log", "w")  # noqa: SIM115 - closed after the child ends
-        procs[family] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
+        log = open(args.out / f"pruners_{family}.log", "a")  # noqa: SIM115 - closed after the child ends
+        procs[(family, method, keep)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
     status = {}
-    for family, (proc, log) in procs.items():
-        status[family] = proc.wait()
+    for (family, method, keep), (proc, log) in procs.items():
+        status[f"{family}/{method}@{keep}"] = proc.wait()
         log.close()
     import torch
 
@@ -135,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
         "status": status,
         "families": {},
     }
-    for family in procs:
-        result = work / f"{family}.json"
+    for family, method, keep in procs:
+        result = work / f"{family}__{method}@{keep}.json"
         if result.exists():
-            merged["families"][family] = json.loads(result.read_text())
+            entry = merged["families"].setdefault(family, {"family": family, "accuracy": {}})
+            entry["accuracy"].update(json.loads(result.read_text()))
     (args.out / "pruners.json").write_text(json.dumps(merged, indent=2) + "\n")
     print(json.dumps(status))
     return 0 if all(code == 0 for code in status.values()) else 1
