@@ -1,6 +1,7 @@
-"""Turn the yardstick results (``eval/results/reference.json``) into the Markdown tables of README.
+"""Turn the yardstick results into the Markdown tables of README.
 
-    python -m vtprune.eval.report eval/results/reference.json
+    python -m vtprune.eval.report eval/results/reference.json     # unpruned / blind / oracle / baselines
+    python -m vtprune.eval.report eval/results/pruners.json       # every method x keep x budget
 """
 
 from __future__ import annotations
@@ -34,13 +35,51 @@ def family_table(family: str, accuracy: dict) -> str:
     return f"**{family}** ({n} test items per category)\n\n" + "\n".join(lines)
 
 
+def _image_average(result: dict, image: list[str]) -> float:
+    return sum(result[c]["accuracy"] for c in image) / len(image)
+
+
+def pruner_table(family: str, accuracy: dict, keeps: tuple[float, ...] = (0.11, 0.22, 0.33)) -> str:
+    """Image-average accuracy per method, keep and budget, with the share of the unpruned model's it keeps."""
+    base = accuracy["unpruned"]
+    image = [c for c in synth.IMAGE_CATEGORIES if c in base]
+    base_avg = _image_average(base, image)
+    methods = sorted({name.split("@")[0] for name in accuracy if "@" in name and not name.endswith(".seconds")})
+    header = ["method", "budget"] + [f"keep {k}" for k in keeps]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines.append(f"| unpruned | | {100 * base_avg:.1f} (100%) |" + " |" * (len(keeps) - 1))
+    for method in methods:
+        for budget in ("input", "average"):
+            cells, same = [], True
+            for keep in keeps:
+                result = accuracy.get(f"{method}@{keep}/{budget}")
+                if isinstance(result, str):  # the same plan under both budgets: one run, reported under both
+                    result = accuracy.get(result)
+                else:
+                    same = False
+                if not isinstance(result, dict) or "error" in result or not result:
+                    cells.append("error" if isinstance(result, dict) and "error" in result else "")
+                    continue
+                avg = _image_average(result, image)
+                cells.append(f"{100 * avg:.1f} ({100 * avg / base_avg:.0f}%)")
+            if same and budget == "average":
+                continue
+            label = "both" if same else budget
+            lines.append(f"| {method} | {label} | " + " | ".join(cells) + " |")
+    n = base[image[0]]["n"]
+    return (f"**{family}** — image average over {', '.join(image)} ({n} test items each); in brackets: share of "
+            "the unpruned accuracy\n\n" + "\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path)
     args = parser.parse_args(argv)
     data = json.loads(args.results.read_text())
     for family, entry in data["families"].items():
-        print(family_table(family, entry["accuracy"]) + "\n")
+        accuracy = entry["accuracy"]
+        pruners = any(name.endswith(("/input", "/average")) for name in accuracy)
+        print((pruner_table(family, accuracy) if pruners else family_table(family, accuracy)) + "\n")
     return 0
 
 

@@ -7,9 +7,11 @@ selection alone or inside any batch.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from vtprune.config import PrunerConfig, parse_where
 from vtprune.pruners.base import Pruner, single_stage_plan
@@ -46,9 +48,14 @@ class RandomPruner(Pruner):
         return single_stage_plan(self.config, self.config.where, num_layers)
 
     def select(self, ctx: PruneContext) -> Selection:
-        keep = []
-        for image in ctx.images:
-            generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + image.index_in_sample)
-            order = torch.randperm(image.num_tokens, generator=generator)[: image.budget]
-            keep.append(order.to(ctx.device))
+        keep = [permutation(self.config.seed, image.index_in_sample, image.num_tokens, image.budget, ctx.device)
+                for image in ctx.images]
         return Selection(keep=keep)
+
+
+@functools.lru_cache(maxsize=256)
+def permutation(seed: int, index_in_sample: int, num_tokens: int, count: int, device: torch.device) -> Tensor:
+    """The first ``count`` of a seeded permutation of ``num_tokens``, on ``device``; cached, since the draw is a
+    function of its arguments and a host-to-device copy blocks the host until the GPU has caught up."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + index_in_sample)
+    return torch.randperm(num_tokens, generator=generator)[:count].to(device)

@@ -9,6 +9,7 @@ by mapping each lattice point to the nearest surviving token.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -33,6 +34,13 @@ class UniformConfig(PrunerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_where(self.where)
+
+
+@functools.lru_cache(maxsize=256)
+def lattice_on(rows: int, cols: int, count: int, device: torch.device) -> Tensor:
+    """``lattice`` already on ``device``: built and copied once per (grid, count), since a host-to-device copy
+    blocks the host until the GPU has caught up."""
+    return lattice(rows, cols, count).to(device)
 
 
 def lattice(rows: int, cols: int, count: int) -> Tensor:
@@ -90,12 +98,15 @@ class UniformPruner(Pruner):
         for image in ctx.images:
             if image.grid is None:
                 # No grid (e.g. a packed sequence): fall back to an even stride along the token order.
-                local = ((torch.arange(image.budget) + 0.5) * image.num_tokens / image.budget).long()
+                local = even_stride(image.num_tokens, image.budget, ctx.device)
             else:
-                wanted = lattice(image.grid[0], image.grid[1], image.budget)
-                if image.num_tokens == image.grid[0] * image.grid[1]:
-                    local = wanted
-                else:
-                    local = nearest_present(image, wanted)
-            keep.append(local.to(ctx.device))
+                local = lattice_on(image.grid[0], image.grid[1], image.budget, ctx.device)
+                if image.num_tokens != image.grid[0] * image.grid[1]:
+                    local = nearest_present(image, local)
+            keep.append(local)
         return Selection(keep=keep)
+
+
+def even_stride(num_tokens: int, count: int, device: torch.device) -> Tensor:
+    """(count,) indices spread evenly over ``num_tokens`` tokens in order (cell-centred)."""
+    return ((torch.arange(count, device=device) + 0.5) * (num_tokens / count)).long()
