@@ -4,7 +4,9 @@
     vtprune.wrap(model, method="uniform", keep=0.11)
     model.generate(**inputs)
 
-Importing vtprune loads neither triton, lmms-eval nor gradio, and does not initialise CUDA.
+    result = vtprune.train(model, method="uniform", data=batches)  # LoRA recovery fine-tune, merged back
+
+Importing vtprune loads neither triton, lmms-eval, gradio, peft nor accelerate, and does not initialise CUDA.
 """
 
 from vtprune.api import VTPruneHandle, unwrap, wrap
@@ -12,6 +14,7 @@ from vtprune.api import is_wrapped as is_wrapped
 from vtprune.config import PrunerConfig
 from vtprune.registry import list_methods, list_models, register_adapter, register_pruner
 from vtprune.state import ImageTokens, PruneContext, Selection, Stage
+from vtprune.training import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"
 
@@ -21,12 +24,15 @@ __all__ = [
     "PrunerConfig",
     "Selection",
     "Stage",
+    "TrainConfig",
+    "TrainResult",
     "VTPruneHandle",
     "is_wrapped",
     "list_methods",
     "list_models",
     "register_adapter",
     "register_pruner",
+    "train",
     "unwrap",
     "wrap",
 ]
