@@ -25,15 +25,36 @@ BUDGETS = ("input", "average")
 FAMILIES = ("llava", "qwen2_5_vl", "internvl")
 
 
-def plans_differ(method: str, keep: float, num_layers: int) -> bool:
-    """Whether ``method`` drops differently under the two budgets on an LLM of ``num_layers`` layers."""
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """``"apet[merge=false,inject=false]"`` -> ("apet", {"merge": False, "inject": False}): a method with options,
+    for ablations."""
+    if "[" not in spec:
+        return spec, {}
+    name, _, rest = spec.partition("[")
+    options = {}
+    for item in rest.rstrip("]").split(","):
+        key, _, value = item.partition("=")
+        lowered = value.strip().lower()
+        if lowered in ("true", "false"):
+            options[key.strip()] = lowered == "true"
+        else:
+            try:
+                options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
+            except ValueError:
+                options[key.strip()] = value.strip()
+    return name, options
+
+
+def plans_differ(spec: str, keep: float, num_layers: int) -> bool:
+    """Whether ``spec`` drops differently under the two budgets on an LLM of ``num_layers`` layers."""
     from vtprune.registry import get_pruner_class
 
+    method, options = parse_spec(spec)
     cls = get_pruner_class(method)
     plans = []
     for budget in BUDGETS:
         try:
-            plans.append(cls(cls.config_cls(keep=keep, budget=budget)).plan(num_layers))
+            plans.append(cls(cls.config_cls(keep=keep, budget=budget, **options)).plan(num_layers))
         except ValueError:
             return True  # infeasible under one budget: run both so the error is recorded
     return plans[0] != plans[1]
@@ -55,11 +76,12 @@ def evaluate_family(family: str, checkpoint: Path, methods: list[str], keeps: tu
     categories = list(spec.categories)
     results: dict = {}
 
-    def run(name: str, method: str | None = None, **options) -> None:
+    def run(name: str, spec: str | None = None, **options) -> None:
         started = time.time()
         try:
-            if method is not None:
-                vtprune.wrap(model, method, **options)
+            if spec is not None:
+                method, extra = parse_spec(spec)
+                vtprune.wrap(model, method, **options, **extra)
             results[name] = accuracy.evaluate(model, spec, categories, limit=limit, batch_size=64, progress=False)
         except Exception:  # one failing configuration must not lose the others of a paid GPU call
             results[name] = {"error": traceback.format_exc(limit=4)}
@@ -101,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
     parser.add_argument("--families", default=",".join(FAMILIES))
-    parser.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
+    parser.add_argument("--methods", default=None,
+                        help="';'-separated method specs, e.g. 'apet;apet[merge=false,inject=false]' (default: every "
+                             "registered method)")
     parser.add_argument("--limit", type=int, help="items per category (default: the whole test split)")
     parser.add_argument("--keeps", default=",".join(map(str, KEEPS)))
     parser.add_argument("--family", help=argparse.SUPPRESS)
@@ -110,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import vtprune
 
-    methods = args.methods.split(",") if args.methods else vtprune.list_methods()
+    methods = args.methods.split(";") if args.methods else vtprune.list_methods()
     keeps = tuple(float(k) for k in args.keeps.split(","))
-    unknown = sorted(set(methods) - set(vtprune.list_methods()) - {"unpruned"})
+    unknown = sorted({parse_spec(m)[0] for m in methods} - set(vtprune.list_methods()) - {"unpruned"})
     if unknown:
         parser.error(f"unknown methods {unknown}; registered: {vtprune.list_methods()}")
     if args.family:

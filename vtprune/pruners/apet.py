@@ -69,6 +69,10 @@ class ApETConfig(PrunerConfig):
     seed: None starts farthest-point sampling at the token of largest norm (deterministic); an int draws the
         start per image from a generator seeded by (seed, image index within its prompt), like the code's randint.
     blend: how basis vectors enter their slots: "overwrite" (LLaVA code) or "average" (0.5 / 0.5, Qwen code).
+    merge: average every dropped token into its most similar survivor (step 5); False keeps survivors as they are
+        (ablation).
+    inject: write the basis vectors into the lowest-error survivors (step 4); False keeps those survivors as they
+        are (ablation). With both False, ApET is its error-based selection alone.
     """
 
     method = "apet"
@@ -79,6 +83,8 @@ class ApETConfig(PrunerConfig):
     stage1_point: str = "projector"
     seed: int | None = None
     blend: str = "overwrite"
+    merge: bool = True
+    inject: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -106,6 +112,9 @@ class ApETConfig(PrunerConfig):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}.")
         if self.blend not in BLENDS:
             raise ValueError(f"blend={self.blend!r} is not one of {list(BLENDS)}.")
+        for name in ("merge", "inject"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
 
 
 def farthest_point_sampling(x: Tensor, count: int, start: Tensor) -> Tensor:
@@ -140,7 +149,7 @@ def reconstruction_errors(x: Tensor, basis: Tensor, lam: float) -> Tensor:
 
 def compress(
     x: Tensor, keep: int, basis_size: int, lam: float, start: Tensor, blend: str = "overwrite",
-    slot_order: str = "index",
+    slot_order: str = "index", merge: bool = True, inject: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """One ApET step on a group of images of the same size.
 
@@ -154,6 +163,7 @@ def compress(
         slot_order: which basis vector goes to which of the b lowest-error kept slots: "index" (the i-th basis
             vector to the slot with the i-th smallest token index, as the code's boolean-mask assignment before the
             LLM) or "error" (in descending error order, as the code's index assignment inside the LLM).
+        merge, inject: steps 5 and 4 of the method (see ``ApETConfig``); off only for ablations.
 
     Returns:
         keep (B, K) indices into the n tokens, by descending error; values (B, K, C) in x's dtype, in that order.
@@ -177,7 +187,7 @@ def compress(
     nearest = similarity.argmax(dim=-1)  # (B, n - K)
     sums = torch.zeros_like(target_x).scatter_add_(1, nearest[..., None].expand(-1, -1, channels), dropped_x)
     counts = torch.zeros(batch, targets, device=x.device).scatter_add_(1, nearest, torch.ones_like(similarity[..., 0]))
-    merged = (target_x + sums) / (1 + counts)[..., None]
+    merged = (target_x + sums) / (1 + counts)[..., None] if merge else target_x
 
     # Basis injection into the b lowest-error survivors.
     slots = values[:, targets:]
@@ -187,6 +197,8 @@ def compress(
     else:
         placed = basis
     injected = placed if blend == "overwrite" else 0.5 * placed + 0.5 * slots
+    if not inject:
+        injected = slots
     return order, torch.cat((merged, injected), dim=1).to(x.dtype)
 
 
@@ -234,7 +246,7 @@ class ApETPruner(Pruner):
             start = self._start(ctx, group, x)
             order, merged = compress(
                 x, first.budget, self.config.basis_size, lam, start, self.config.blend,
-                slot_order="error" if inside else "index",
+                slot_order="error" if inside else "index", merge=self.config.merge, inject=self.config.inject,
             )
             for row, j in enumerate(group):
                 keep[j], values[j] = order[row], merged[row]
