@@ -106,6 +106,9 @@ class AnyResAdapter(Adapter):
     # The projector is token-wise, as LLaVA's: same capture points (one record per projector call), same mapping.
     capture_hook = LlavaAdapter.capture_hook
     project = LlavaAdapter.project
+    # CLIP (LLaVA-NeXT) has a CLS per tile, SigLIP (OneVision) none. Each tile's row is packed like its features, so
+    # every token carries the attention of its own tile's CLS.
+    vision_cls_attention = LlavaAdapter.vision_cls_attention
 
     def visual_token_ids(self) -> list[int]:
         return [int(self.model.config.image_token_id)]
@@ -232,6 +235,15 @@ class AnyResAdapter(Adapter):
                 packed=(rows, cols),
             )
             yield VisualItem(layout, side * side + rows * (cols + 1), torch.cat((base, grid)))
+
+    def global_view(self, image: ImageLayout) -> Tensor | None:
+        if image.kind == "video":
+            return None
+        view = torch.ones(image.positions.numel(), dtype=torch.bool, device=image.positions.device)
+        if image.tiles is not None:
+            # The base tile (the whole image, resized) comes first; the stitched high-resolution tiles follow.
+            view[self.tile_side() ** 2:] = False
+        return view
 
     # ------------------------------------------------------------------------------------------------ features
     def features_per_image(self, point: str, records: list[Any], images: list[ImageLayout]) -> list[Tensor]:

@@ -33,7 +33,15 @@ import torch
 from torch import Tensor, nn
 
 from vtprune.kernels import attention_rows, compact_sequence, gather_tokens
-from vtprune.state import CallStats, ImageTokens, PruneContext, Selection, Stage, StageStats
+from vtprune.state import (
+    OPTIONAL_IMAGE_FIELDS,
+    CallStats,
+    ImageTokens,
+    PruneContext,
+    Selection,
+    Stage,
+    StageStats,
+)
 
 logger = logging.getLogger("vtprune")
 
@@ -101,6 +109,8 @@ class _CallState:
     layer: int = 0  # the decoder layer running now (set by its pre-hook)
     probe_inputs: dict[int, tuple[Tensor, tuple[Tensor, Tensor], Any]] = field(default_factory=dict)
     stats: CallStats = field(default_factory=CallStats)
+    # Per optional ImageTokens field the pruner needs: per image, its value over the image's original tokens.
+    image_extras: dict[str, list[Tensor | None]] | None = None
 
 
 def _kwarg_cache(kwargs: dict[str, Any]) -> Any:
@@ -167,6 +177,7 @@ class Adapter(ABC):
         self.num_layers = len(self.layers)
         self.visual_ids = torch.tensor(self.visual_token_ids(), dtype=torch.long)
         self.pruner: Any = None
+        self.needs: frozenset[str] = frozenset()
         self.state: _CallState | None = None
         self.last_stats: CallStats | None = None
         # What the vision-side hooks recorded for the coming prefill, per key (an insertion point, or a family's
@@ -191,7 +202,14 @@ class Adapter(ABC):
                 raise ValueError(
                     f"Stage {stage.point}:{stage.layer} names a decoder layer outside 0..{self.num_layers - 1}."
                 )
+        needs = frozenset(getattr(pruner, "needs", ()))
+        if not needs <= set(OPTIONAL_IMAGE_FIELDS):
+            raise ValueError(
+                f"{type(pruner).__name__}.needs names {sorted(needs - set(OPTIONAL_IMAGE_FIELDS))}; adapters provide "
+                f"only {list(OPTIONAL_IMAGE_FIELDS)}."
+            )
         self.pruner = pruner
+        self.needs = needs
         self.plan = plan
         self._prefill_plan = sorted((s for s in plan if s.point != "decode"), key=lambda s: s.layer)
         self._decode_plan = sorted((s for s in plan if s.point == "decode"), key=lambda s: s.layer)
@@ -208,8 +226,12 @@ class Adapter(ABC):
             if stage.point == "llm" and stage.layer > 0:
                 attn = self.layers[stage.layer - 1].self_attn
                 add(attn.register_forward_pre_hook(self._make_probe_capture(stage.layer - 1), with_kwargs=True))
-        for point in {s.point for s in plan if s.point in ("encoder", "projector")}:
+        entry_points = {s.point for s in plan if s.point in ("encoder", "projector")}
+        for point in entry_points:
             add(self.capture_hook(point, self._store_capture(point)))
+        cls_attention = self.vision_cls_attention() if entry_points and "cls_attention" in needs else None
+        if cls_attention is not None:
+            add(cls_attention.register_forward_pre_hook(self._cls_capture(), with_kwargs=True))
         for handle in self.family_hooks():
             add(handle)
 
@@ -235,6 +257,18 @@ class Adapter(ABC):
             self.captured.setdefault(key, []).append(record)
 
         return store
+
+    def _cls_capture(self) -> Callable:
+        """A pre-hook for the vision encoder's last attention module: records, per vision call, every tile's CLS
+        attention row (``cls_attention_row``) under the "cls_attention" key."""
+        store = self._store_capture("cls_attention")
+
+        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            with torch.no_grad():
+                store(self.cls_attention_row(module, hidden))
+
+        return capture
 
     # ------------------------------------------------------------------------------------------------ hooks
     def _on_top_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -470,26 +504,53 @@ class Adapter(ABC):
     def _entry_features(self, st: _CallState, stage: Stage, embeds: Tensor) -> list[Tensor] | None:
         if stage.point == "llm":
             return None
-        captured = self.captured.get(stage.point)
+        return self._captured_per_image(st, stage.point)
+
+    def _captured_per_image(self, st: _CallState, key: str) -> list[Tensor]:
+        """Per image, (n, C) rows of what the vision-side hooks recorded under ``key``: the features of an insertion
+        point, or the (n, 1) CLS attention ("cls_attention", laid out as encoder features by ``cls_attention_tokens``).
+        """
+        what = "CLS attention" if key == "cls_attention" else f"{key} features"
+        captured = self.captured.get(key)
         if not captured:
             raise RuntimeError(
-                f"vtprune: no {stage.point} features were captured for this prompt. Pass pixel_values (not "
-                "precomputed image features) so the vision tower runs under the hooks."
+                f"vtprune: no {what} was captured for this prompt. Pass pixel_values (not precomputed image "
+                "features) so the vision tower runs under the hooks."
             )
-        per_image = self.features_per_image(stage.point, captured, st.images)
+        if key == "cls_attention":
+            per_image = self.features_per_image("encoder", [self.cls_attention_tokens(r) for r in captured], st.images)
+        else:
+            per_image = self.features_per_image(key, captured, st.images)
         if len(per_image) != len(st.images) or any(
             f.shape[0] != im.positions.numel() for f, im in zip(per_image, st.images, strict=False)
         ):
             raise RuntimeError(
-                f"vtprune: captured {len(per_image)} images of {stage.point} features that do not match the "
-                f"{len(st.images)} images of image tokens in the prompt."
+                f"vtprune: captured {len(per_image)} images of {what} that do not match the {len(st.images)} images "
+                "of image tokens in the prompt."
             )
         return per_image
+
+    def _image_extras(self, st: _CallState) -> dict[str, list[Tensor | None]]:
+        """The optional ImageTokens fields the pruner needs, per image over its original tokens; once per prefill."""
+        if st.image_extras is None:
+            st.image_extras = {}
+            if "global_view" in self.needs:
+                st.image_extras["global_view"] = [self.global_view(im) for im in st.images]
+            if "cls_attention" in self.needs:
+                rows = [None] * len(st.images)
+                if self.vision_cls_attention() is not None:
+                    rows = [r[:, 0] for r in self._captured_per_image(st, "cls_attention")]
+                # The paper picks a video's pivot frame by frame; vtprune gives videos no CLS row (see ImageTokens).
+                st.image_extras["cls_attention"] = [
+                    None if im.kind == "video" else r for r, im in zip(rows, st.images, strict=True)
+                ]
+        return st.image_extras
 
     def _context(self, st: _CallState, stage: Stage, current: _Group, features, hidden) -> PruneContext:
         from vtprune.budget import kept_count
 
         inverse = current.inverse(st.orig_len)
+        extras = self._image_extras(st) if stage.point in ("encoder", "projector") else {}
         images = []
         for j, layout in enumerate(st.images):
             kept = st.kept[j]
@@ -509,6 +570,7 @@ class Adapter(ABC):
                     positions=positions if stage.point in ("llm", "decode") else None,
                     features=feats,
                     budget=min(kept.numel(), kept_count(stage.fraction, layout.positions.numel())),
+                    **{name: None if value[j] is None else value[j][kept] for name, value in extras.items()},
                 )
             )
         cur_mask = current.translate_mask(st.mask2d, st.orig_len)
@@ -695,6 +757,42 @@ class Adapter(ABC):
         index = encoded_index(images, {"image": len(features)}, by_kind=False)
         # A count mismatch is reported by the caller, with the counts.
         return [features[i] for i in index] if index and max(index) < len(features) else features
+
+    def vision_cls_attention(self) -> nn.Module | None:
+        """The self-attention module of the vision encoder's last layer where the encoder prepends a CLS token (row 0
+        of that module's input), else None (the default): pruners that need ``cls_attention`` then get None."""
+        return None
+
+    def cls_attention_row(self, attn: nn.Module, hidden: Tensor) -> Tensor:
+        """(T, 1 + P, C) input of ``vision_cls_attention`` for T tiles -> (T, 1 + P) fp32 head-mean attention
+        probabilities of each tile's CLS query over its CLS (column 0) and its P patches.
+
+        Projects the query of the CLS row only and the keys of all rows: O(T·P·C), not the layer's O(T·P²·C), and
+        independent of the attention backend the encoder runs. The default suits CLIP and InternViT (``q_proj``,
+        ``k_proj``, ``num_heads``, ``head_dim``, ``scale``; InternViT's ``q_norm`` / ``k_norm`` act on the full
+        width, before the split into heads)."""
+        tiles, length = hidden.shape[:2]
+        query, key = attn.q_proj(hidden[:, :1]), attn.k_proj(hidden)
+        if hasattr(attn, "q_norm"):
+            query, key = attn.q_norm(query), attn.k_norm(key)
+        query = query.reshape(tiles, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+        key = key.reshape(tiles, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        # A ViT attends both ways; the kernel is causal, so the query is placed last, where it sees every key.
+        last = torch.full((tiles, 1), length - 1, dtype=torch.long, device=hidden.device)
+        return attention_rows(query, key, last, None, attn.scale)[:, 0]
+
+    def cls_attention_tokens(self, rows: Tensor) -> Tensor:
+        """(T, 1 + P) rows of ``cls_attention_row`` for one vision call -> (T, t, 1): each tile's CLS attention per
+        token, laid out as the encoder point's capture, so that ``features_per_image`` splits and packs it like
+        features. The default drops the CLS column: the encoder point holds the patches only."""
+        return rows[:, 1:, None]
+
+    def global_view(self, image: ImageLayout) -> Tensor | None:
+        """(n,) bool over an image's prunable tokens, True for its whole-image view; None for a video. The default
+        suits families without tiles: every token of an image."""
+        if image.kind == "video":
+            return None
+        return torch.ones(image.positions.numel(), dtype=torch.bool, device=image.positions.device)
 
     def family_hooks(self) -> list[Any]:
         """Register hooks the family needs on every call (e.g. to record image metadata that ``generate`` no longer

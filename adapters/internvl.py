@@ -18,9 +18,11 @@ Choices:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from vtprune.adapters.base import Adapter, ImageLayout
 from vtprune.adapters.llava import LlavaAdapter
@@ -59,6 +61,26 @@ class InternVLAdapter(Adapter):
                     )
                 layouts.append(ImageLayout(sample, index, run, (run.numel() // side, side)))
         return layouts
+
+    def vision_cls_attention(self) -> nn.Module | None:
+        # InternViT prepends a CLS token that get_image_features drops before the pixel shuffle.
+        return self.inner.vision_tower.encoder.layer[-1].attention
+
+    def cls_attention_tokens(self, rows: Tensor) -> Tensor:
+        patches = rows[:, 1:]
+        side = math.isqrt(patches.shape[1])
+        # The model's own pixel shuffle on a one-channel map puts each token's block of ViT patches in its channels;
+        # the token gets the block's attention mass.
+        blocks = self.inner.pixel_shuffle(patches.reshape(-1, side, side, 1), self.model.config.downsample_ratio)
+        return blocks.reshape(rows.shape[0], -1, blocks.shape[-1]).sum(-1, keepdim=True)
+
+    def global_view(self, image: ImageLayout) -> Tensor | None:
+        per_tile = self.tile_side() ** 2
+        view = torch.ones(image.positions.numel(), dtype=torch.bool, device=image.positions.device)
+        if image.positions.numel() > per_tile:
+            # The processor puts the thumbnail (the whole image, resized) after the dynamic tiles.
+            view[:-per_tile] = False
+        return view
 
     def split_captured(self, point: str, features: Tensor) -> list[Tensor]:
         counts = [im.positions.numel() for im in self.state.images]

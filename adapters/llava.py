@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from vtprune.adapters.base import Adapter, ImageLayout
 from vtprune.registry import register_adapter
@@ -58,3 +58,18 @@ class LlavaAdapter(Adapter):
     def project(self, encoder_features: Tensor) -> Tensor:
         with torch.no_grad():
             return self.inner.multi_modal_projector(encoder_features[None])[0]
+
+    def vision_cls_attention(self) -> nn.Module | None:
+        # CLIP prepends a CLS token; SigLIP towers (LLaVA-Interleave, OneVision) have none. The CLS row is read at
+        # the last layer, which transformers runs even where the features come from layer -2.
+        tower = self.inner.vision_tower
+        tower = getattr(tower, "vision_model", tower)
+        if getattr(tower.embeddings, "class_embedding", None) is None:
+            return None
+        return tower.encoder.layers[-1].self_attn
+
+    def cls_attention_tokens(self, rows: Tensor) -> Tensor:
+        if self.model.config.vision_feature_select_strategy == "full":
+            # The CLS is an image token here; zeroing its entry leaves the CLS-to-CLS attention out of the row.
+            return torch.cat((torch.zeros_like(rows[:, :1]), rows[:, 1:]), dim=1)[..., None]
+        return rows[:, 1:, None]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                              "registered method)")
     parser.add_argument("--limit", type=int, help="items per category (default: the whole test split)")
     parser.add_argument("--keeps", default=",".join(map(str, KEEPS)))
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 4, help="child processes at once")
     parser.add_argument("--family", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -151,18 +153,26 @@ def main(argv: list[str] | None = None) -> int:
     # One process per (family, method, keep): the evaluation is bound by host-side work per batch, not by the GPU.
     jobs = [(family, "unpruned", keeps[0]) for family in args.families.split(",")]
     jobs += [(family, method, keep) for family in args.families.split(",") for method in methods for keep in keeps]
+    # Longest first: the Qwen children (nine categories, a slower vision tower) bound the wall time.
+    jobs.sort(key=lambda job: job[0] != "qwen2_5_vl")
+    running: list[subprocess.Popen] = []
+    status = {}
     for family, method, keep in jobs:
+        # At most --jobs children at once: each one is a whole Python process with its own CUDA context.
+        while len(running) >= args.jobs:
+            time.sleep(0.2)
+            running = [proc for proc in running if proc.poll() is None]
         cmd = [sys.executable, "-m", "vtprune.eval.pruner_job", "--family", family, "--work", str(work),
                "--out", str(args.out), "--checkpoints", str(args.checkpoints.resolve()), "--methods", method,
                "--keeps", str(keep)]
         if args.limit:
             cmd += ["--limit", str(args.limit)]
-        log = open(args.out / f"pruners_{family}.log", "a")  # noqa: SIM115 - closed after the child ends
-        procs[(family, method, keep)] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
-    status = {}
-    for (family, method, keep), (proc, log) in procs.items():
+        with open(args.out / f"pruners_{family}.log", "a") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        procs[(family, method, keep)] = proc
+        running.append(proc)
+    for (family, method, keep), proc in procs.items():
         status[f"{family}/{method}@{keep}"] = proc.wait()
-        log.close()
     import torch
 
     merged = {

@@ -29,6 +29,11 @@ class Stage:
     adaptive: bool = False
 
 
+# Per-image fields an adapter fills only for pruners that list them in ``needs`` (they cost a vision-side hook or
+# per-image work that other methods should not pay for).
+OPTIONAL_IMAGE_FIELDS = ("cls_attention", "global_view")
+
+
 @dataclass
 class ImageTokens:
     """The visual tokens of one image (or tile group, or video) as one stage sees them.
@@ -41,6 +46,18 @@ class ImageTokens:
         positions: (n,) positions of those tokens in the current hidden sequence (llm / decode stages), else None.
         features: (n, C) features at this insertion point, or None where the point has none (decode).
         budget: how many of the n tokens this stage must keep.
+        cls_attention: (n,) fp32 head-mean attention probabilities of the vision encoder's CLS query over the present
+            tokens, from the encoder's final layer (even where the features come from an earlier one, as LLaVA's
+            layer -2). Softmax over the CLS and all patches; the CLS-to-CLS entry is left out and the rest is not
+            renormalised (where LLaVA's "full" feature strategy keeps the CLS as an image token, its entry is 0). A
+            token made of several patches (InternVL's pixel shuffle) gets their summed attention; the tokens of an
+            AnyRes tile get the attention of that tile's own CLS. Only where the pruner asks for it (its ``needs``),
+            at the encoder and projector points, for images of families whose encoder has a CLS token; None
+            elsewhere (SigLIP, Qwen's ViTs, videos, LLM stages).
+        global_view: (n,) bool, True for the present tokens of the image's whole-image view: the base image of an
+            AnyRes image, the thumbnail tile of a multi-tile InternVL image, every token of a single-view image
+            (layout tokens such as row newlines are never image tokens). Only where the pruner asks for it, at the
+            encoder and projector points; None elsewhere and for videos.
     """
 
     sample: int
@@ -50,6 +67,8 @@ class ImageTokens:
     positions: Tensor | None
     features: Tensor | None
     budget: int
+    cls_attention: Tensor | None = None
+    global_view: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

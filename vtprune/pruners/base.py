@@ -21,6 +21,8 @@ class Pruner(ABC):
         points: insertion points the method can act at.
         flash_compatible: whether it works with every attention backend (no ``output_attentions``).
         needs_training: "none", "calibration" or "training".
+        needs: optional per-image fields of ``ImageTokens`` the method reads (``state.OPTIONAL_IMAGE_FIELDS``:
+            "cls_attention", "global_view"); the adapter computes only these, so other methods pay nothing.
     """
 
     name: ClassVar[str] = ""
@@ -30,6 +32,7 @@ class Pruner(ABC):
     points: ClassVar[tuple[str, ...]] = ()
     flash_compatible: ClassVar[bool] = True
     needs_training: ClassVar[str] = "none"
+    needs: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, config: PrunerConfig) -> None:
         if not isinstance(config, self.config_cls):

@@ -5,8 +5,9 @@ abstract described stage 1 as greedy k-center). No official code was found; re-i
 (shared/METHODS.md §1).
 
 Stage 1, on the projected visual tokens of each image (LLM embedding space), keeps k = round(keep·n) tokens by
-greedy max-sum diversification on cosine similarity: start from a pivot, then repeatedly add the token whose summed
-similarity to the tokens picked so far is smallest (one mat-vec per step, batched over images of equal size).
+greedy max-sum diversification on cosine similarity: start from a pivot, the token the vision encoder's CLS attends
+to most, then repeatedly add the token whose summed similarity to the tokens picked so far is smallest (one mat-vec
+per step, batched over images of equal size).
 ``selection="kcenter"`` is the v1 rule instead: add the token farthest (cosine distance) from its nearest pick.
 
 Stage 2, inside the LLM: at layer ℓ (``relevance_layer``, 7L/8 by default) the head-mean attention of the text
@@ -15,18 +16,27 @@ queries after the image and of the visual queries gives
 where both are below τ = 0.10 every visual token of that sample is removed from layer ℓ + 1 on (layers ≤ ℓ keep
 their visual keys). The attention rows come from the adapter's probe, so any attention backend works.
 
-Faithful: max-sum (v2) and k-center (v1) selection in fp32 on normalised tokens, kept tokens in original order with
-their original positions, both ratios with τ = 0.10, attention read at ℓ = 7L/8 and removal after it (the stage
-runs at the input of decoder layer ℓ + 1 and reads layer ℓ), the per-sample decision, stage 2 not counted in the
-budget (``budget`` "input" and "average" both keep k = round(keep·n) before the LLM).
+Faithful: the pivot is the argmax of the head-mean CLS attention row of the vision encoder's last layer (read there
+even where LLaVA takes its features from layer -2) on CLIP (LLaVA-1.5, LLaVA-NeXT) and InternViT (InternVL), over
+the base image's tokens of an AnyRes image and the thumbnail tile's of a multi-tile InternVL image (the adapter
+recomputes the one CLS row, so any attention backend works); max-sum (v2) and k-center (v1) selection in fp32 on
+normalised tokens, kept tokens in original order with their original positions, both ratios with τ = 0.10,
+attention read at ℓ = 7L/8 and removal after it (the stage runs at the input of decoder layer ℓ + 1 and reads layer
+ℓ), the per-sample decision, stage 2 not counted in the budget (``budget`` "input" and "average" both keep
+k = round(keep·n) before the LLM).
 
 Differs:
-- Pivot: the token nearest (cosine) to the mean of the image's normalised tokens, not the argmax of the ViT CLS
-  attention row (the CLS pivot is not implemented: vtprune's context exposes no CLS row yet, as no adapter probes
-  the vision tower). The paper itself uses a random pivot where there is no CLS (Qwen2.5-VL) and its appendix finds
-  the choice nearly irrelevant (random 95.8% vs CLS 96.0%); METHODS.md §1 accepts nearest-to-mean. No thumbnail-
-  or frame-wise pivot rule, and one selection per image / tile group / video with k = keep·n of its own tokens
-  (the paper does not specify multi-image prompts).
+- Pivot without a CLS row (SigLIP in LLaVA-OneVision, Qwen's ViTs, every video) or with no global-view token left
+  by an earlier stage: the token nearest (cosine) to the mean of all the image's normalised tokens, where the paper
+  takes a random one (Qwen2.5-VL); its appendix finds the choice nearly irrelevant (random 95.8% vs CLS 96.0%) and
+  METHODS.md §1 accepts nearest-to-mean.
+- Video: the paper takes each frame's CLS argmax and starts from the best of them; vtprune gives videos no CLS row
+  (their towers have no CLS anyway) and uses the nearest-to-mean pivot over the whole video. InternVL frames arrive
+  as separate images: each gets its own CLS pivot and its own selection.
+- An InternVL token is a pixel-shuffled 2 x 2 block of ViT patches; its CLS attention is the block's sum (the paper
+  does not say).
+- One selection per image / tile group / video with k = keep·n of its own tokens (the paper does not specify
+  multi-image prompts).
 - T (the text queries and keys of the ratios) is the text after the sample's first visual token: text before the
   image cannot see it under causal attention. Layout tokens (LLaVA-NeXT row newlines) count neither as V nor T, and
   they stay when stage 2 fires (vtprune never drops them).
@@ -46,7 +56,7 @@ from torch import Tensor
 from vtprune.config import PrunerConfig
 from vtprune.pruners.base import Pruner
 from vtprune.registry import register_pruner
-from vtprune.state import PruneContext, Selection, Stage
+from vtprune.state import ImageTokens, PruneContext, Selection, Stage
 
 SELECTIONS = ("maxsum", "kcenter")
 
@@ -85,6 +95,32 @@ class ToDREConfig(PrunerConfig):
 def nearest_to_mean(x: Tensor) -> Tensor:
     """(B, n, C) unit-norm tokens -> (B,) index of the token most cosine-similar to their mean."""
     return (x @ x.mean(dim=1, keepdim=True).transpose(1, 2)).squeeze(-1).argmax(dim=1)
+
+
+def cls_pivot(attention: Tensor, candidates: Tensor, fallback: Tensor) -> Tensor:
+    """(B, n) CLS attention, (B, n) bool candidates, (B,) fallback -> (B,) index of the candidate the CLS attends to
+    most; ``fallback`` in rows without a candidate."""
+    best = attention.float().masked_fill(~candidates, float("-inf")).argmax(dim=1)
+    return torch.where(candidates.any(dim=1), best, fallback)
+
+
+def first_pivot(x: Tensor, images: list[ImageTokens]) -> Tensor:
+    """(B, n, C) unit-norm tokens of B images of n tokens -> (B,) pivot: the CLS argmax over an image's global view
+    where the adapter gave a CLS row (``cls_attention``), else the token nearest to the mean."""
+    pivot = nearest_to_mean(x)
+    if all(image.cls_attention is None for image in images):
+        return pivot
+    none = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+    attention, candidates = [], []
+    for image in images:
+        if image.cls_attention is None:
+            attention.append(none.float())
+            candidates.append(none)
+        else:
+            attention.append(image.cls_attention)
+            # No global view given: every token is a candidate.
+            candidates.append(~none if image.global_view is None else image.global_view)
+    return cls_pivot(torch.stack(attention), torch.stack(candidates), pivot)
 
 
 def _similarity_to(x: Tensor, index: Tensor) -> Tensor:
@@ -153,6 +189,7 @@ class ToDREPruner(Pruner):
     points = ("projector", "llm:K")
     flash_compatible = True
     needs_training = "none"
+    needs = frozenset({"cls_attention", "global_view"})
 
     def relevance_layer(self, num_layers: int) -> int:
         if self.config.relevance_layer is not None:
@@ -185,7 +222,7 @@ class ToDREPruner(Pruner):
             if first.budget >= first.num_tokens:
                 continue
             x = F.normalize(torch.stack([ctx.images[j].features for j in group]).float(), dim=-1)
-            chosen = pick(x, first.budget, nearest_to_mean(x))
+            chosen = pick(x, first.budget, first_pivot(x, [ctx.images[j] for j in group]))
             for row, j in enumerate(group):
                 keep[j] = chosen[row]
         return Selection(keep=keep)
