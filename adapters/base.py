@@ -100,6 +100,7 @@ class _CallState:
     orig_len: int
     images: list[ImageLayout]
     kept: list[Tensor]  # per image: indices into its original tokens still present
+    alive: list[int]  # per sample: prompt positions still present (padding included), kept on the host
     prefill_stages: list[Stage]
     decode_stages: list[Stage]
     groups: list[_Group] = field(default_factory=list)
@@ -298,7 +299,10 @@ class Adapter(ABC):
         if input_ids is None:
             self._warn_once("embeds", "vtprune: called with inputs_embeds and no input_ids; running unpruned.")
             return
-        visual_mask = torch.isin(input_ids, self.visual_ids.to(input_ids.device))
+        if self.visual_ids.device != input_ids.device:
+            # Moved once: a host-to-device copy per call would block the host each time.
+            self.visual_ids = self.visual_ids.to(input_ids.device)
+        visual_mask = torch.isin(input_ids, self.visual_ids)
         if not bool(visual_mask.any()):
             self._warn_once("noimage", "vtprune: prompt without image tokens; running unpruned.")
             return
@@ -314,6 +318,7 @@ class Adapter(ABC):
             orig_len=input_ids.shape[1],
             images=images,
             kept=[torch.arange(im.positions.numel(), device=input_ids.device) for im in images],
+            alive=[input_ids.shape[1]] * input_ids.shape[0],
             prefill_stages=list(self._prefill_plan),
             decode_stages=list(self._decode_plan),
         )
@@ -574,8 +579,8 @@ class Adapter(ABC):
                 )
             )
         cur_mask = current.translate_mask(st.mask2d, st.orig_len)
-        text = st.text_mask & st.mask2d.bool()
-        text_positions = [inverse[b][text[b]] for b in range(st.visual_mask.shape[0])]
+        # Text tokens are never dropped, so the current rows' text flags are a gather (no per-sample nonzero).
+        text_mask = (st.text_mask & st.mask2d.bool()).gather(1, current.index) & current.valid
         rows = None
         if stage.point == "llm" and stage.layer > 0:
             rows = self._probe(st, stage.layer - 1, cur_mask)
@@ -586,7 +591,7 @@ class Adapter(ABC):
             images=images,
             hidden_states=hidden,
             attention_mask=cur_mask,
-            text_positions=text_positions,
+            text_mask=text_mask,
             attention_rows=rows,
         )
 
@@ -646,6 +651,8 @@ class Adapter(ABC):
         kept_now = []
         for j, (layout, image) in enumerate(zip(st.images, ctx.images, strict=True)):
             local = selection.keep[j].to(image.original_indices.device)
+            # Row counts are tensor shapes, known on the host: the new width needs no device sync.
+            st.alive[layout.sample] -= st.kept[j].numel() - local.numel()
             order = torch.argsort(local)
             local = local[order]
             if selection.values is not None and selection.values[j] is not None:
@@ -660,7 +667,7 @@ class Adapter(ABC):
         length = alive.shape[1]
         positions = torch.arange(length, device=alive.device).expand_as(alive)
         key = torch.where(alive, positions, torch.full_like(positions, -1))
-        width = int(alive.sum(1).max())
+        width = max(st.alive)
         index = key.sort(dim=1).values[:, -width:]
         valid = index >= 0
         return _Group(stage.layer, index.clamp(min=0), valid)

@@ -35,8 +35,9 @@ class LlavaAdapter(Adapter):
         side = math.isqrt(per_image)
         grid = (side, side) if side * side == per_image else None
         layouts = []
-        for sample in range(input_ids.shape[0]):
-            positions = visual_mask[sample].nonzero().squeeze(1)
+        # Two syncs for the whole batch (the counts, then every position at once), not one nonzero per sample.
+        counts = visual_mask.sum(1).tolist()
+        for sample, positions in enumerate(visual_mask.nonzero()[:, 1].split(counts)):
             if positions.numel() % per_image:
                 raise ValueError(
                     f"Sample {sample} has {positions.numel()} image tokens, not a multiple of the {per_image} tokens "

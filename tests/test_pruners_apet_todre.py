@@ -253,11 +253,11 @@ def _relevance_context(layouts, text_to_visual, visual_to_text):
     see; visual queries put ``visual_to_text[b]`` on the text after the first visual token they see; the rest goes
     to position 0."""
     length = len(layouts[0])
-    images, text_positions, asked = [], [], []
+    images, text_mask, asked = [], [], []
     for b, layout in enumerate(layouts):
         visual = torch.tensor([i for i, c in enumerate(layout) if c == "v"])
         images.append(_image(len(visual), len(visual), sample=b, positions=visual))
-        text_positions.append(torch.tensor([i for i, c in enumerate(layout) if c == "s"]))
+        text_mask.append(torch.tensor([c == "s" for c in layout]))
 
     def rows(query_positions):
         asked.append(query_positions)
@@ -279,7 +279,7 @@ def _relevance_context(layouts, text_to_visual, visual_to_text):
         return out
 
     ctx = PruneContext(
-        "llm", 3, 4, images, attention_mask=torch.ones(len(layouts), length), text_positions=text_positions,
+        "llm", 3, 4, images, attention_mask=torch.ones(len(layouts), length), text_mask=torch.stack(text_mask),
         attention_rows=rows,
     )
     return ctx, asked

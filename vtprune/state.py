@@ -93,7 +93,8 @@ class PruneContext:
         images: one entry per image, batch-major, in prompt order.
         hidden_states: (B, L, D) current hidden states (llm stage), else None.
         attention_mask: (B, L) 1 for real tokens of the current sequence (llm / decode stages), else None.
-        text_positions: per sample, (T_b,) positions of the non-visual, non-padding tokens in the current sequence.
+        text_mask: (B, L) bool, True for the non-visual, non-padding tokens of the current sequence (llm / decode
+            stages), else None. ``text_positions`` lists them per sample.
         attention_rows: for llm stages at layer >= 1, ``attention_rows(query_positions (B, Q)) -> (B, Q, L)``:
             head-mean attention probabilities of layer K-1 for those query rows (softmax in fp32), computed by the
             probe kernel so any attention backend works. None elsewhere.
@@ -106,9 +107,17 @@ class PruneContext:
     images: list[ImageTokens]
     hidden_states: Tensor | None = None
     attention_mask: Tensor | None = None
-    text_positions: list[Tensor] | None = None
+    text_mask: Tensor | None = None
     attention_rows: Callable[[Tensor], Tensor] | None = None
     cache: Any = None
+
+    @property
+    def text_positions(self) -> list[Tensor] | None:
+        """Per sample, (T_b,) positions of the text tokens in the current sequence. The lengths differ per sample,
+        so this syncs with the device; methods that can work on ``text_mask`` should."""
+        if self.text_mask is None:
+            return None
+        return [row.nonzero().squeeze(1) for row in self.text_mask]
 
     @property
     def device(self) -> torch.device:

@@ -229,7 +229,7 @@ class ToDREPruner(Pruner):
 
     def _relevance(self, ctx: PruneContext) -> Selection:
         """Keep every visual token of a sample, or none where its text and visual tokens no longer attend across."""
-        if ctx.attention_rows is None or ctx.text_positions is None or ctx.attention_mask is None:
+        if ctx.attention_rows is None or ctx.text_mask is None or ctx.attention_mask is None:
             raise RuntimeError("ToDRE's relevance stage needs attention rows and text positions from the adapter.")
         batch, length = ctx.attention_mask.shape
         device = ctx.device
@@ -238,10 +238,7 @@ class ToDREPruner(Pruner):
             key_is_visual[image.sample, image.positions] = True
         # T = text after the sample's first visual token (earlier text cannot see the image).
         first_visual = torch.where(key_is_visual.any(1), key_is_visual.int().argmax(1), length)
-        key_is_text = torch.zeros_like(key_is_visual)
-        for b, positions in enumerate(ctx.text_positions):
-            key_is_text[b, positions] = True
-        key_is_text &= torch.arange(length, device=device)[None] > first_visual[:, None]
+        key_is_text = ctx.text_mask & (torch.arange(length, device=device)[None] > first_visual[:, None])
         queries = key_is_text | key_is_visual
         # (B, Q) query positions: each sample's T and V rows, padded with position 0 (neither T nor V).
         count = queries.sum(1)
