@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                              "registered method)")
     parser.add_argument("--limit", type=int, help="items per category (default: the whole test split)")
     parser.add_argument("--keeps", default=",".join(map(str, KEEPS)))
+    parser.add_argument("--deadline", type=float, default=float("inf"),
+                        help="seconds after which unfinished children are stopped and the finished ones merged")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 4, help="child processes at once")
     parser.add_argument("--family", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -159,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     status = {}
     for family, method, keep in jobs:
         # At most --jobs children at once: each one is a whole Python process with its own CUDA context.
-        while len(running) >= args.jobs:
+        while len(running) >= args.jobs and time.time() < started + args.deadline:
             time.sleep(0.2)
             running = [proc for proc in running if proc.poll() is None]
+        if time.time() >= started + args.deadline:
+            break
         cmd = [sys.executable, "-m", "vtprune.eval.pruner_job", "--family", family, "--work", str(work),
                "--out", str(args.out), "--checkpoints", str(args.checkpoints.resolve()), "--methods", method,
                "--keeps", str(keep)]
@@ -172,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         procs[(family, method, keep)] = proc
         running.append(proc)
     for (family, method, keep), proc in procs.items():
-        status[f"{family}/{method}@{keep}"] = proc.wait()
+        try:
+            status[f"{family}/{method}@{keep}"] = proc.wait(timeout=max(1.0, started + args.deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            # Past the deadline: stop the child, keep what the others finished.
+            proc.kill()
+            status[f"{family}/{method}@{keep}"] = "killed at the deadline"
     import torch
 
     merged = {
