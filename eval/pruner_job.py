@@ -77,11 +77,11 @@ def evaluate_family(family: str, checkpoint: Path, methods: list[str], keeps: tu
     categories = list(spec.categories)
     results: dict = {}
 
-    def run(name: str, spec: str | None = None, **options) -> None:
+    def run(name: str, method_spec: str | None = None, **options) -> None:
         started = time.time()
         try:
-            if spec is not None:
-                method, extra = parse_spec(spec)
+            if method_spec is not None:
+                method, extra = parse_spec(method_spec)
                 vtprune.wrap(model, method, **options, **extra)
             results[name] = accuracy.evaluate(model, spec, categories, limit=limit, batch_size=64, progress=False)
         except Exception:  # one failing configuration must not lose the others of a paid GPU call
