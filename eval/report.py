@@ -53,6 +53,9 @@ def pruner_table(family: str, accuracy: dict, keeps: tuple[float, ...] = (0.11, 
             cells, same = [], True
             for keep in keeps:
                 result = accuracy.get(f"{method}@{keep}/{budget}")
+                if result is None:  # not measured at this keep
+                    cells.append("")
+                    continue
                 if isinstance(result, str):  # the same plan under both budgets: one run, reported under both
                     result = accuracy.get(result)
                 else:
