@@ -154,6 +154,13 @@ def overall(results: dict[str, dict]) -> float:
     return sum(r["accuracy"] * r["n"] for r in results.values()) / items
 
 
+def image_average(results: dict[str, dict]) -> float | None:
+    """Mean accuracy over the image categories of a result table (each category weighs the same); None without
+    any."""
+    image = [c for c in synth.IMAGE_CATEGORIES if c in results]
+    return sum(results[c]["accuracy"] for c in image) / len(image) if image else None
+
+
 def family_of(model: Any) -> reference.FamilySpec:
     """The reference family spec matching a loaded model (by config.model_type)."""
     model_type = model.config.model_type

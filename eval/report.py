@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from vtprune.eval import synth
-from vtprune.eval.accuracy import CHANCE
+from vtprune.eval.accuracy import CHANCE, image_average
 
 ROWS = ("unpruned", "blind", "oracle@0.11", "random@0.11", "uniform@0.11", "random@0.22", "uniform@0.22",
         "random@0.33", "uniform@0.33")
@@ -19,7 +19,6 @@ ROWS = ("unpruned", "blind", "oracle@0.11", "random@0.11", "uniform@0.11", "rand
 
 def family_table(family: str, accuracy: dict) -> str:
     categories = [c for c in synth.CATEGORIES if c in accuracy.get("unpruned", {})]
-    image = [c for c in categories if c in synth.IMAGE_CATEGORIES]
     header = ["run"] + categories + ["image avg", "all avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines.append("| chance | " + " | ".join(f"{100 * CHANCE[c]:.0f}" for c in categories) + " | | |")
@@ -28,22 +27,18 @@ def family_table(family: str, accuracy: dict) -> str:
         if not isinstance(result, dict) or "error" in result or not result:
             continue
         cells = [f"{100 * result[c]['accuracy']:.1f}" for c in categories]
-        image_avg = sum(result[c]["accuracy"] for c in image) / len(image)
+        image_avg = image_average(result)
         all_avg = sum(result[c]["accuracy"] for c in categories) / len(categories)
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {100 * image_avg:.1f} | {100 * all_avg:.1f} |")
     n = accuracy["unpruned"][categories[0]]["n"]
     return f"**{family}** ({n} test items per category)\n\n" + "\n".join(lines)
 
 
-def _image_average(result: dict, image: list[str]) -> float:
-    return sum(result[c]["accuracy"] for c in image) / len(image)
-
-
 def pruner_table(family: str, accuracy: dict, keeps: tuple[float, ...] = (0.11, 0.22, 0.33)) -> str:
     """Image-average accuracy per method, keep and budget, with the share of the unpruned model's it keeps."""
     base = accuracy["unpruned"]
     image = [c for c in synth.IMAGE_CATEGORIES if c in base]
-    base_avg = _image_average(base, image)
+    base_avg = image_average(base)
     methods = sorted({name.split("@")[0] for name in accuracy if "@" in name and not name.endswith(".seconds")})
     header = ["method", "budget"] + [f"keep {k}" for k in keeps]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -63,7 +58,7 @@ def pruner_table(family: str, accuracy: dict, keeps: tuple[float, ...] = (0.11, 
                 if not isinstance(result, dict) or "error" in result or not result:
                     cells.append("error" if isinstance(result, dict) and "error" in result else "")
                     continue
-                avg = _image_average(result, image)
+                avg = image_average(result)
                 cells.append(f"{100 * avg:.1f} ({100 * avg / base_avg:.0f}%)")
             if same and budget == "average":
                 continue

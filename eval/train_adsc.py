@@ -48,9 +48,8 @@ def training_batches(spec: Any, categories: list[str], batch: int, seed: int, de
 def measure(model: Any, spec: Any, categories: list[str], method: str, keeps: tuple[float, ...], budget: str,
             options: dict[str, Any], limit: int | None) -> dict[str, dict]:
     """Per setting ("unpruned", "{method}@{keep}"): per-category results, overall and image-average accuracy."""
-    from vtprune.eval import accuracy, synth
+    from vtprune.eval import accuracy
 
-    image_categories = [c for c in categories if c in synth.IMAGE_CATEGORIES]
     table = {}
     for keep in (None, *keeps):
         name = "unpruned" if keep is None else f"{method}@{keep}"
@@ -62,9 +61,8 @@ def measure(model: Any, spec: Any, categories: list[str], method: str, keeps: tu
         finally:
             if keep is not None:
                 vtprune.unwrap(model)
-        images = [results[c]["accuracy"] for c in image_categories]
         table[name] = {
-            "image_average": sum(images) / len(images) if images else None,
+            "image_average": accuracy.image_average(results),
             "overall": accuracy.overall(results),
             "categories": results,
         }

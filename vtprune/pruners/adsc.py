@@ -41,7 +41,7 @@ import torch
 from vtprune.budget import kept_count
 from vtprune.config import PrunerConfig
 from vtprune.pruners.base import Pruner
-from vtprune.pruners.uniform import even_stride, lattice_on, nearest_present
+from vtprune.pruners.uniform import spread
 from vtprune.registry import register_pruner
 from vtprune.state import PruneContext, Selection, Stage
 
@@ -158,14 +158,9 @@ class ADSCPruner(Pruner):
         keep = []
         for image in ctx.images:
             if image.budget >= image.num_tokens:
-                local = torch.arange(image.num_tokens, device=ctx.device)
-            elif image.grid is None or self.config.stride == "1d":
-                local = even_stride(image.num_tokens, image.budget, ctx.device)
+                keep.append(torch.arange(image.num_tokens, device=ctx.device))
             else:
-                local = lattice_on(image.grid[0], image.grid[1], image.budget, ctx.device)
-                if image.num_tokens != image.grid[0] * image.grid[1]:
-                    local = nearest_present(image, local)
-            keep.append(local)
+                keep.append(spread(image, ctx.device, on_grid=self.config.stride == "2d"))
         return Selection(keep=keep)
 
 

@@ -94,17 +94,19 @@ class UniformPruner(Pruner):
         return single_stage_plan(self.config, self.config.where, num_layers)
 
     def select(self, ctx: PruneContext) -> Selection:
-        keep = []
-        for image in ctx.images:
-            if image.grid is None:
-                # No grid (e.g. a packed sequence): fall back to an even stride along the token order.
-                local = even_stride(image.num_tokens, image.budget, ctx.device)
-            else:
-                local = lattice_on(image.grid[0], image.grid[1], image.budget, ctx.device)
-                if image.num_tokens != image.grid[0] * image.grid[1]:
-                    local = nearest_present(image, local)
-            keep.append(local)
-        return Selection(keep=keep)
+        return Selection(keep=[spread(image, ctx.device) for image in ctx.images])
+
+
+def spread(image: ImageTokens, device: torch.device, on_grid: bool = True) -> Tensor:
+    """(budget,) indices into the image's present tokens, spread evenly: the grid lattice mapped to the nearest
+    present tokens, or an even stride along the token order where there is no grid (e.g. a packed sequence) or
+    ``on_grid`` is False."""
+    if image.grid is None or not on_grid:
+        return even_stride(image.num_tokens, image.budget, device)
+    local = lattice_on(image.grid[0], image.grid[1], image.budget, device)
+    if image.num_tokens != image.grid[0] * image.grid[1]:
+        local = nearest_present(image, local)
+    return local
 
 
 def even_stride(num_tokens: int, count: int, device: torch.device) -> Tensor:
