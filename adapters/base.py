@@ -101,6 +101,7 @@ class _CallState:
     images: list[ImageLayout]
     kept: list[Tensor]  # per image: indices into its original tokens still present
     alive: list[int]  # per sample: prompt positions still present (padding included), kept on the host
+    unpadded: bool  # the prompt's attention mask had no padding (known on the host)
     prefill_stages: list[Stage]
     decode_stages: list[Stage]
     groups: list[_Group] = field(default_factory=list)
@@ -303,7 +304,14 @@ class Adapter(ABC):
             # Moved once: a host-to-device copy per call would block the host each time.
             self.visual_ids = self.visual_ids.to(input_ids.device)
         visual_mask = torch.isin(input_ids, self.visual_ids)
-        if not bool(visual_mask.any()):
+        user_mask = kwargs.get("attention_mask")
+        unpadded = torch.ones((), dtype=torch.bool, device=input_ids.device)
+        if isinstance(user_mask, Tensor) and user_mask.dim() == 2:
+            unpadded = user_mask.bool().all()
+        # One sync, before the vision tower is queued: whether there are images, and whether the prompt is padded
+        # (without padding, later layer masks are built without a mask tensor, which needs no sync).
+        has_image, unpadded = torch.stack((visual_mask.any(), unpadded)).tolist()
+        if not has_image:
             self._warn_once("noimage", "vtprune: prompt without image tokens; running unpruned.")
             return
         images = self.image_layout(input_ids, visual_mask, kwargs)
@@ -311,7 +319,8 @@ class Adapter(ABC):
         # dropped and counts neither as a visual token nor as text.
         prunable = torch.zeros_like(visual_mask)
         for im in images:
-            prunable[im.sample, im.positions] = True
+            # In-place on the sample's row: ``mask[int, index] = True`` would copy the int to the device and sync.
+            prunable[im.sample].index_fill_(0, im.positions, True)
         self.state = _CallState(
             visual_mask=prunable,
             text_mask=~visual_mask,
@@ -319,6 +328,7 @@ class Adapter(ABC):
             images=images,
             kept=[torch.arange(im.positions.numel(), device=input_ids.device) for im in images],
             alive=[input_ids.shape[1]] * input_ids.shape[0],
+            unpadded=bool(unpadded),
             prefill_stages=list(self._prefill_plan),
             decode_stages=list(self._decode_plan),
         )
@@ -448,6 +458,11 @@ class Adapter(ABC):
         cos, sin = (gather_tokens(t.expand(hidden.shape[0], *t.shape[1:]), rows) for t in (cos, sin))
         mask2d = group.translate_mask(st.mask2d, st.orig_len)
         cache = _kwarg_cache(kwargs)
+        if cache is not None and st.unpadded and len(set(st.alive)) == 1:
+            # Every row of every sample is real: the mask is all ones, and without it transformers builds the same
+            # layer masks without reading the tensor (no device sync). Not without a cache: transformers would then
+            # read the kept positions' gaps as boundaries of packed sequences.
+            mask2d = None
         group.layer_kwargs = {
             "attention_mask": self._layer_masks(group, hidden, mask2d, cache, packed.position_ids),
             "position_embeddings": (cos, sin),
@@ -659,9 +674,9 @@ class Adapter(ABC):
                 selection.values[j] = selection.values[j][order]
             selection.keep[j] = local
             dropped = layout.positions[st.kept[j]]
-            alive[layout.sample, dropped] = False
+            alive[layout.sample].index_fill_(0, dropped, False)
             st.kept[j] = st.kept[j][local]
-            alive[layout.sample, layout.positions[st.kept[j]]] = True
+            alive[layout.sample].index_fill_(0, layout.positions[st.kept[j]], True)
             kept_now.append(st.kept[j])
         st.stats.stages.append(StageStats(stage.point, stage.layer, kept_now, seconds))
         length = alive.shape[1]
@@ -686,7 +701,7 @@ class Adapter(ABC):
                 values = self.project(values)
             rows = inverse[layout.sample, layout.positions[st.kept[j]]]
             written[j] = values.to(hidden.dtype)
-            hidden[layout.sample, rows] = written[j]
+            hidden[layout.sample].index_copy_(0, rows, written[j])
         # The rows as the LLM got them, so that a reference run can write the same ones (StageStats.values).
         st.stats.stages[-1].values = written
         return hidden
@@ -713,11 +728,14 @@ class Adapter(ABC):
         self._finish_stats(st)
 
     def _finish_stats(self, st: _CallState) -> None:
+        # One count per group (a handful), shared by the layers it spans: not a gather and a sum per layer.
+        per_group: dict[int, Tensor] = {}
         counts = []
         for layer_idx in range(self.num_layers):
             group = self._group_of(st, layer_idx)
-            visual = st.visual_mask.gather(1, group.index) & group.valid
-            counts.append(visual.sum(1))
+            if id(group) not in per_group:
+                per_group[id(group)] = (st.visual_mask.gather(1, group.index) & group.valid).sum(1)
+            counts.append(per_group[id(group)])
         st.stats.tokens_per_layer = torch.stack(counts, dim=1)
         self.last_stats = st.stats
 

@@ -9,11 +9,16 @@ Sections (a failing case prints its traceback and the rest still run):
   ``vtprune.wrap(model, method, keep=0.11, budget=...)`` for every method (and both budgets where they differ).
   Each is compared with the unpruned model and with its *own ideal*: a hand-written loop over the decoder layers
   that feeds every layer exactly the visual token count the method left there (read from ``last_stats``), with
-  the kept rows fixed in advance: the same FLOPs with no selection, no hooks and no bookkeeping. The loop itself
-  is checked against HF's forward on the unpruned model (``manual_unpruned``). The method, its ideal and the
-  unpruned model are timed in ``--rounds`` interleaved rounds; the medians are reported, with every round's time.
+  the kept rows fixed in advance: the same FLOPs with no selection, no hooks and no bookkeeping. HF's LLaVA forward
+  waits for the vision tower before the LLM (it checks the image-token count against the features); the ideal does
+  not, so a second ideal with that one wait (``ideal_hf_sync_ms``) shows how much of a gap the pruned path can
+  close. The loop itself is checked against HF's forward on the unpruned model (``manual_unpruned``). The method,
+  its ideals and the unpruned model are timed in ``--rounds`` interleaved rounds; the medians are reported, with
+  every round's time.
 - ``selection``: ToDRE's greedy max-sum / k-center loops alone at N = 576, 2,880 (AnyRes) and 6,300 (video), keep
   0.11, B = 1 and 8, D = 4096.
+- ``syncs``: every call that makes the host wait for the GPU in one prefill per method (CUDA's sync debug mode),
+  counted per source line of vtprune or the adapter ("transformers" where none is on the stack).
 - ``profile``: ``torch.profiler`` over one pruned prefill (uniform at the projector) and its ideal: GPU busy time,
   host syncs, and the ops with the most host time, to explain the gap to the ideal.
 
@@ -80,9 +85,10 @@ class Bench:
         with torch.no_grad():
             return self.model(**self.inputs, use_cache=True, logits_to_keep=1)
 
-    def ideal(self, counts: list[int]):
+    def ideal(self, counts: list[int], hf_sync: bool = False):
         """A prefill whose decoder layer i sees ``counts[i]`` visual tokens (an even stride of the image, fixed in
-        advance) and every text token; returns the function to time."""
+        advance) and every text token; returns the function to time. ``hf_sync`` waits for the vision tower before
+        the LLM, as HF's LLaVA forward does when it checks the image-token count against the features."""
         from transformers import DynamicCache
 
         model, lm = self.model, self.model.model.language_model
@@ -109,6 +115,8 @@ class Bench:
                 )
                 pooled = getattr(features, "pooler_output", features)
                 pooled = torch.stack(list(pooled)) if isinstance(pooled, list | tuple) else pooled
+                if hf_sync and pooled.is_cuda:
+                    torch.cuda.current_stream().synchronize()
                 text = model.get_input_embeddings()(text_ids)
                 hidden = torch.cat((text[:, :2], pooled.reshape(self.batch, self.image_tokens, -1).to(text.dtype),
                                     text[:, 2:]), dim=1)
@@ -170,10 +178,10 @@ def bench_methods(report: Report, bench: Bench, shapes: Shapes, rounds: int) -> 
                 vtprune.unwrap(bench.model)
             per_layer = [sample["tokens_per_layer"] for sample in stats["samples"]]
             counts = per_layer[0]
-            ideal_fn = bench.ideal(counts)
+            ideal_fn, ideal_hf_fn = bench.ideal(counts), bench.ideal(counts, hf_sync=True)
             # The lent GPU drifts between cases (the ideal of one schedule measured 36-56 ms in one run), so the
             # method, its ideal and the unpruned model are timed in interleaved rounds and compared by medians.
-            pruned_runs, ideal_runs, base_runs = [], [], []
+            pruned_runs, ideal_runs, ideal_hf_runs, base_runs = [], [], [], []
             for _ in range(rounds):
                 vtprune.wrap(bench.model, method, keep=KEEP, **options)
                 try:
@@ -181,10 +189,13 @@ def bench_methods(report: Report, bench: Bench, shapes: Shapes, rounds: int) -> 
                 finally:
                     vtprune.unwrap(bench.model)
                 ideal_runs.append(measure(ideal_fn))
+                ideal_hf_runs.append(measure(ideal_hf_fn))
                 base_runs.append(measure(bench.prefill))
             t, ideal, unpruned = median_of(pruned_runs), median_of(ideal_runs), median_of(base_runs)
+            ideal_hf = median_of(ideal_hf_runs)
             t.update({
                 "ideal_ms": ideal["ms"], "ideal_rounds_ms": ideal["rounds_ms"], "unpruned_ms": unpruned["ms"],
+                "ideal_hf_sync_ms": ideal_hf["ms"], "vs_ideal_hf_sync": t["ms"] / ideal_hf["ms"],
                 "unpruned_rounds_ms": unpruned["rounds_ms"], "vs_unpruned": t["ms"] / unpruned["ms"],
                 "vs_ideal": t["ms"] / ideal["ms"],
                 "K_in": stats["samples"][0]["K_in"], "K_avg": stats["samples"][0]["K_avg"],
@@ -194,7 +205,9 @@ def bench_methods(report: Report, bench: Bench, shapes: Shapes, rounds: int) -> 
             results[label] = t
             report.row(f"{label} keep={KEEP}", f"{t['ms']:,.2f} ms",
                        f"{t['vs_unpruned']:.3f} of unpruned ({unpruned['ms']:,.1f} ms); ideal {ideal['ms']:,.2f} ms "
-                       f"-> {t['vs_ideal']:.2f}x; K_in={t['K_in']}, K_avg={t['K_avg']:.1f}")
+                       f"-> {t['vs_ideal']:.2f}x (with HF's sync {ideal_hf['ms']:,.2f} ms: "
+                       f"{t['vs_ideal_hf_sync']:.2f}x); "
+                       f"K_in={t['K_in']}, K_avg={t['K_avg']:.1f}")
 
         report.guard(f"methods/{label}", case)
     report.put("methods", "result", results)
@@ -268,13 +281,58 @@ def bench_profile(report: Report, bench: Bench) -> None:
     report.put("profile", "result", results)
 
 
+def bench_syncs(report: Report, bench: Bench) -> None:
+    """Where each method makes the host wait for the GPU: every synchronising call of one prefill (CUDA's sync debug
+    mode), grouped by the innermost vtprune / adapter source line that made it."""
+    import traceback
+    import warnings
+
+    import vtprune
+
+    if bench.device.type != "cuda":
+        report.row("syncs", "skipped", "needs a GPU")
+        return
+    ours = ("/vtprune/", "/adapters/", "/kernels/", "/pruners/")
+    results = {}
+    for label, method, options in (("unpruned", None, {}), *METHOD_CASES):
+        sites: dict[str, int] = {}
+
+        def record(message, category, filename, lineno, file=None, line=None, sites=sites):
+            stack = [f for f in traceback.extract_stack()[:-1] if any(part in f.filename for part in ours)
+                     and "bench_prefill" not in f.filename]
+            where = " <- ".join(f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
+                                for f in stack[::-1][:3]) or "transformers"
+            sites[where] = sites.get(where, 0) + 1
+
+        if method is not None:
+            vtprune.wrap(bench.model, method, keep=KEEP, **options)
+        try:
+            bench.prefill()
+            torch.cuda.synchronize()
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                warnings.showwarning = record
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    bench.prefill()
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+        finally:
+            if vtprune.is_wrapped(bench.model):
+                vtprune.unwrap(bench.model)
+        results[label] = dict(sorted(sites.items(), key=lambda item: -item[1]))
+        report.row(f"syncs {label}", f"{sum(sites.values())}", "; ".join(f"{n}x {w}" for w, n in
+                                                                       list(results[label].items())[:4]))
+    report.put("syncs", "result", results)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_out = Path(os.environ["OUT"]) / "bench_prefill.json" if os.environ.get("OUT") else None
     parser.add_argument("--out", type=Path, default=default_out, help="JSON path (default $OUT/bench_prefill.json)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for a dry run on CPU")
-    parser.add_argument("--sections", default="methods,selection,profile",
-                        help="comma-separated subset of methods,selection,profile")
+    parser.add_argument("--sections", default="methods,selection,profile,syncs",
+                        help="comma-separated subset of methods,selection,profile,syncs")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of (method, its ideal, unpruned) per case; medians are reported")
     args = parser.parse_args(argv)
@@ -293,16 +351,18 @@ def main(argv: list[str] | None = None) -> int:
     report = Report(args.out, meta)
     print(json.dumps(meta), flush=True)
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(wanted) - {"methods", "selection", "profile"})
+    unknown = sorted(set(wanted) - {"methods", "selection", "profile", "syncs"})
     if unknown:
-        parser.error(f"unknown sections {unknown}; choose from methods, selection, profile")
+        parser.error(f"unknown sections {unknown}; choose from methods, selection, profile, syncs")
     total = time.perf_counter()
-    bench = Bench(shapes, device) if {"methods", "profile"} & set(wanted) else None
+    bench = Bench(shapes, device) if {"methods", "profile", "syncs"} & set(wanted) else None
     for name in wanted:
         if name == "methods":
             report.run(name, lambda: bench_methods(report, bench, shapes, args.rounds))
         elif name == "selection":
             report.run(name, lambda: bench_selection(report, shapes, device))
+        elif name == "syncs":
+            report.run(name, lambda: bench_syncs(report, bench))
         else:
             report.run(name, lambda: bench_profile(report, bench))
     report.put("total", "seconds", round(time.perf_counter() - total, 1))

@@ -289,9 +289,11 @@ def test_relevance_stage_drops_every_visual_token_of_an_inattentive_sample():
     ctx, asked = _relevance_context(["ssvvvvss", "ssvvvvss"], text_to_visual=[0.05, 0.3], visual_to_text=[0, 0])
     selection = ToDREPruner(ToDREConfig(keep=0.5)).select(ctx)
     assert [k.tolist() for k in selection.keep] == [[], [0, 1, 2, 3]]
-    # Queries: the visual tokens and the text after the image, not the text before it.
+    # Queries: the visual tokens and the text after the image, not the text before it; the probe gets one row per
+    # position (no sync to size it), the rest padded with position 0, which is text before the image here.
     (queries,) = asked
-    assert sorted(queries[0].tolist()) == [2, 3, 4, 5, 6, 7]
+    assert queries.shape == (2, 8)
+    assert sorted(q for q in queries[0].tolist() if q != 0) == [2, 3, 4, 5, 6, 7]
 
 
 def test_relevance_stage_respects_tau_and_the_visual_to_text_ratio():

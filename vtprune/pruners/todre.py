@@ -235,15 +235,15 @@ class ToDREPruner(Pruner):
         device = ctx.device
         key_is_visual = torch.zeros(batch, length, dtype=torch.bool, device=device)
         for image in ctx.images:
-            key_is_visual[image.sample, image.positions] = True
+            key_is_visual[image.sample].index_fill_(0, image.positions, True)
         # T = text after the sample's first visual token (earlier text cannot see the image).
         first_visual = torch.where(key_is_visual.any(1), key_is_visual.int().argmax(1), length)
         key_is_text = ctx.text_mask & (torch.arange(length, device=device)[None] > first_visual[:, None])
         queries = key_is_text | key_is_visual
         # (B, Q) query positions: each sample's T and V rows, padded with position 0 (neither T nor V).
         count = queries.sum(1)
-        # One sync: the probe takes a fixed number of query rows per sample.
-        width = max(1, int(count.max()))
+        # Every position as a candidate query row (padded with position 0): no sync to size the probe.
+        width = length
         order = torch.argsort(queries.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
         valid = torch.arange(width, device=device)[None] < count[:, None]
         query_positions = torch.where(valid, order, torch.zeros_like(order))
