@@ -14,7 +14,7 @@ from conftest import FACTORIES, Prompt
 
 import vtprune
 from vtprune.pruners.adsc import ADSCConfig, ADSCPruner, default_layers, schedule_counts, solve_ratio
-from vtprune.pruners.uniform import lattice, nearest_present
+from vtprune.pruners.uniform import lattice, nearest_present, nearest_present_rows, spread_all
 from vtprune.state import ImageTokens
 
 
@@ -72,6 +72,27 @@ def test_nearest_present_picks_present_lattice_points_exactly_and_distinct_token
         image = ImageTokens(0, 0, (24, 24), scattered, None, None, 40)
         local = nearest_present(image, lattice(24, 24, 40))
         assert local.unique().numel() == 40 and int(local.max()) < 150
+
+
+
+def test_batched_nearest_present_equals_one_image_at_a_time_and_breaks_ties_by_index():
+    rng = random.Random(1)
+    present = torch.stack([torch.tensor(sorted(rng.sample(range(576), 150))) for _ in range(4)])
+    wanted = lattice(24, 24, 40)
+    batched = nearest_present_rows(present, wanted, 24)
+    for row, local in zip(present, batched, strict=True):
+        alone = nearest_present(ImageTokens(0, 0, (24, 24), row, None, None, 40), wanted)
+        assert torch.equal(local.sort().values, alone.sort().values)
+    # Two present tokens equally far from the one wanted point that has none in its cell: the lower index wins.
+    tie = nearest_present_rows(torch.tensor([[0, 2]]), torch.tensor([1]), 3)
+    assert tie.tolist() == [[0]]
+    # spread_all groups equal images and leaves the others to spread: same result as one at a time.
+    images = [ImageTokens(0, 0, (24, 24), row, None, None, 40) for row in present]
+    images.append(ImageTokens(1, 0, (24, 24), torch.arange(576), None, None, 64))
+    grouped = spread_all(images, torch.device("cpu"))
+    assert torch.equal(grouped[-1].sort().values, lattice(24, 24, 64).sort().values)
+    for image, local in zip(images[:-1], grouped[:-1], strict=True):
+        assert torch.equal(local.sort().values, nearest_present(image, wanted).sort().values)
 
 
 def test_later_bottlenecks_stay_spread_over_the_image():

@@ -41,7 +41,7 @@ import torch
 from vtprune.budget import kept_count
 from vtprune.config import PrunerConfig
 from vtprune.pruners.base import Pruner
-from vtprune.pruners.uniform import spread
+from vtprune.pruners.uniform import spread_all
 from vtprune.registry import register_pruner
 from vtprune.state import PruneContext, Selection, Stage
 
@@ -155,12 +155,11 @@ class ADSCPruner(Pruner):
         return [Stage("llm", layer, fraction) for layer, fraction in zip(layers, fractions, strict=True)]
 
     def select(self, ctx: PruneContext) -> Selection:
-        keep = []
-        for image in ctx.images:
-            if image.budget >= image.num_tokens:
-                keep.append(torch.arange(image.num_tokens, device=ctx.device))
-            else:
-                keep.append(spread(image, ctx.device, on_grid=self.config.stride == "2d"))
+        dropping = [j for j, image in enumerate(ctx.images) if image.budget < image.num_tokens]
+        keep = [torch.arange(image.num_tokens, device=ctx.device) for image in ctx.images]
+        spread_out = spread_all([ctx.images[j] for j in dropping], ctx.device, on_grid=self.config.stride == "2d")
+        for j, local in zip(dropping, spread_out, strict=True):
+            keep[j] = local
         return Selection(keep=keep)
 
 

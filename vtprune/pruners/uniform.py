@@ -65,22 +65,31 @@ def nearest_present(image: ImageTokens, wanted: Tensor) -> Tensor:
     present = image.original_indices
     if present.numel() == image.grid[0] * image.grid[1]:
         return wanted.to(present.device)
-    cols, n = image.grid[1], present.numel()
+    return nearest_present_rows(present[None], wanted, image.grid[1])[0]
+
+
+def nearest_present_rows(present: Tensor, wanted: Tensor, cols: int) -> Tensor:
+    """``nearest_present`` for R images at once that have the same grid width and the same number n of present
+    tokens: (R, n) raster indices -> (R, m) indices into each row. Ties go to the lower index, so the kept set does
+    not depend on the device's top-k."""
+    rows, n = present.shape
     wanted = wanted.to(present.device)
     coords = torch.stack((present // cols, present % cols), -1).float()
-    target = torch.stack((wanted // cols, wanted % cols), -1).float()
+    target = torch.stack((wanted // cols, wanted % cols), -1).float().expand(rows, -1, -1)
     # Squared grid distances are small integers, exact in fp32; (d², index) then orders tokens without ties.
     squared = torch.cdist(coords, target).square().round().long()
-    nearest, owner = squared.min(dim=1)
-    key = nearest * n + torch.arange(n, device=present.device)
-    best = torch.full((wanted.numel(),), torch.iinfo(key.dtype).max, dtype=key.dtype, device=key.device)
-    best = best.scatter_reduce(0, owner, key, reduce="amin")
-    chosen = key == best[owner]
-    uncovered = best == torch.iinfo(key.dtype).max
-    gap = squared.masked_fill(~uncovered[None, :], torch.iinfo(key.dtype).max).amin(dim=1)
+    nearest, owner = squared.min(dim=2)
+    index = torch.arange(n, device=present.device)
+    key = nearest * n + index
+    never = torch.iinfo(key.dtype).max
+    best = torch.full((rows, wanted.numel()), never, dtype=key.dtype, device=key.device)
+    best = best.scatter_reduce(1, owner, key, reduce="amin")
+    chosen = key == best.gather(1, owner)
+    uncovered = best == never
+    gap = squared.masked_fill(~uncovered[:, None, :], never).amin(dim=2).clamp(max=2**40)
     # Chosen tokens first, then the tokens nearest to a wanted point that found none in its cell.
-    rank = torch.where(chosen, torch.zeros_like(gap) - 1, gap)
-    return rank.topk(wanted.numel(), largest=False).indices
+    rank = torch.where(chosen, torch.full_like(gap, -1), gap) * n + index
+    return rank.topk(wanted.numel(), dim=1, largest=False).indices
 
 
 @register_pruner("uniform")
@@ -94,7 +103,7 @@ class UniformPruner(Pruner):
         return single_stage_plan(self.config, self.config.where, num_layers)
 
     def select(self, ctx: PruneContext) -> Selection:
-        return Selection(keep=[spread(image, ctx.device) for image in ctx.images])
+        return Selection(keep=spread_all(ctx.images, ctx.device))
 
 
 def spread(image: ImageTokens, device: torch.device, on_grid: bool = True) -> Tensor:
@@ -107,6 +116,24 @@ def spread(image: ImageTokens, device: torch.device, on_grid: bool = True) -> Te
     if image.num_tokens != image.grid[0] * image.grid[1]:
         local = nearest_present(image, local)
     return local
+
+
+def spread_all(images: list[ImageTokens], device: torch.device, on_grid: bool = True) -> list[Tensor]:
+    """``spread`` for every image; the images that need the nearest-present mapping and share grid, token count and
+    budget (the images of a batch, after the same earlier drop) are mapped in one batched call."""
+    out: list[Tensor | None] = [None] * len(images)
+    batches: dict[tuple, list[int]] = {}
+    for j, image in enumerate(images):
+        if image.grid is None or not on_grid or image.num_tokens == image.grid[0] * image.grid[1]:
+            out[j] = spread(image, device, on_grid)
+        else:
+            batches.setdefault((image.grid, image.num_tokens, image.budget), []).append(j)
+    for (grid, _, budget), members in batches.items():
+        wanted = lattice_on(grid[0], grid[1], budget, device)
+        present = torch.stack([images[j].original_indices for j in members])
+        for j, local in zip(members, nearest_present_rows(present, wanted, grid[1]).unbind(0), strict=True):
+            out[j] = local
+    return out
 
 
 def even_stride(num_tokens: int, count: int, device: torch.device) -> Tensor:
