@@ -136,7 +136,7 @@ class Bench:
         return run
 
 
-def bench_methods(report: Report, bench: Bench, shapes: Shapes, rounds: int) -> None:
+def bench_methods(report: Report, bench: Bench, shapes: Shapes, rounds: int, cases: tuple[str, ...] | None) -> None:
     import vtprune
 
     num_layers = len(bench.model.model.language_model.layers)
@@ -168,6 +168,8 @@ def bench_methods(report: Report, bench: Bench, shapes: Shapes, rounds: int) -> 
         return {**ordered[len(ordered) // 2], "rounds_ms": [round(t["ms"], 3) for t in runs]}
 
     for label, method, options in METHOD_CASES:
+        if cases is not None and not any(label.startswith(prefix) for prefix in cases):
+            continue
 
         def case(label=label, method=method, options=options) -> None:
             vtprune.wrap(bench.model, method, keep=KEEP, **options)
@@ -335,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of methods,selection,profile,syncs")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of (method, its ideal, unpruned) per case; medians are reported")
+    parser.add_argument("--cases", help="comma-separated prefixes of the method cases to time (default: all), "
+                        "e.g. 'todre,uniform@projector'")
     args = parser.parse_args(argv)
+    cases = tuple(c.strip() for c in args.cases.split(",")) if args.cases else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
         parser.error("without a GPU only --smoke makes sense (CPU times are no speed claim)")
@@ -358,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(shapes, device) if {"methods", "profile", "syncs"} & set(wanted) else None
     for name in wanted:
         if name == "methods":
-            report.run(name, lambda: bench_methods(report, bench, shapes, args.rounds))
+            report.run(name, lambda: bench_methods(report, bench, shapes, args.rounds, cases))
         elif name == "selection":
             report.run(name, lambda: bench_selection(report, shapes, device))
         elif name == "syncs":

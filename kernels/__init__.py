@@ -1,4 +1,5 @@
-"""Token kernels of vtprune: gathering kept tokens, compacting a batch, and scoring attention rows.
+"""Token kernels of vtprune: gathering kept tokens, compacting a batch, scoring attention rows, and greedy diverse
+selection.
 
 Each public function picks its implementation per call: the Triton kernels of :mod:`vtprune.kernels.triton_kernels`
 for CUDA tensors when Triton imports, the pure-PyTorch reference of :mod:`vtprune.kernels.reference` otherwise
@@ -22,7 +23,7 @@ from torch import Tensor
 from vtprune.kernels import reference
 from vtprune.kernels.reference import CompactedSequence
 
-__all__ = ["CompactedSequence", "attention_rows", "compact_sequence", "gather_tokens"]
+__all__ = ["CompactedSequence", "attention_rows", "compact_sequence", "gather_tokens", "greedy_diverse"]
 
 logger = logging.getLogger("vtprune")
 
@@ -129,3 +130,13 @@ def attention_rows(
     """
     module = _triton_for("attention", query, key)
     return (module or reference).attention_rows(query, key, query_positions, key_padding_mask, scaling, reduce)
+
+
+def greedy_diverse(similarity: Tensor, first: Tensor, count: int, rule: str) -> Tensor:
+    """Greedy max-sum or k-center selection over pairwise similarities, ``count`` picks per sample.
+
+    See :func:`vtprune.kernels.reference.greedy_diverse` for the arguments; the Triton path runs the whole loop in
+    one launch and makes the same picks (same fp32 operations in the same order).
+    """
+    module = _triton_for("greedy", similarity)
+    return (module or reference).greedy_diverse(similarity, first, count, rule)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CompactedSequence", "attention_rows", "compact_sequence", "gather_tokens"]
+__all__ = ["CompactedSequence", "attention_rows", "compact_sequence", "gather_tokens", "greedy_diverse"]
 
 _INDEX_DTYPES = (torch.int64, torch.int32)
 _REDUCE_MODES = ("mean", "max", "none", "mean_max")
@@ -464,3 +464,62 @@ def _check_attention_inputs(
                 f"key_padding_mask is on {key_padding_mask.device} but query is on {query.device}. "
                 "Put both on the same device."
             )
+
+
+GREEDY_RULES = ("maxsum", "kcenter")
+
+
+def greedy_diverse(similarity: Tensor, first: Tensor, count: int, rule: str) -> Tensor:
+    """Greedy diverse subset of each sample's tokens from their pairwise similarities, first pick given.
+
+    Args:
+        similarity: (B, n, n) fp32 pairwise similarities (cosine for unit-norm tokens: ``x @ x.transpose(1, 2)``).
+        first: (B,) long index of each sample's first pick.
+        count: picks per sample, 1 <= count <= n.
+        rule: ``"maxsum"``: each step adds the unpicked token with the smallest summed similarity to the picks so
+            far (max-sum diversification); ``"kcenter"``: the unpicked token farthest (1 - similarity) from its
+            nearest pick (greedy k-center).
+
+    Returns:
+        (B, count) long picks in the order they were made; ties go to the lower index.
+
+    Raises:
+        ValueError: on wrong ranks, shapes, dtypes, devices, ``count`` or ``rule``.
+    """
+    _check_greedy_inputs(similarity, first, count, rule)
+    batch, n, _ = similarity.shape
+    rows = torch.arange(batch, device=similarity.device)
+    picked = torch.zeros(batch, n, dtype=torch.bool, device=similarity.device)
+    # max-sum minimises the running sum; k-center maximises the running nearest distance, i.e. minimises its
+    # negation. Both start from the first pick's row as the kernel does (0 + row, min(inf, 1 - row)).
+    score = torch.zeros(batch, n, device=similarity.device) if rule == "maxsum" else torch.full(
+        (batch, n), float("inf"), device=similarity.device)
+    last = first
+    picks = [first]
+    for _ in range(count - 1):
+        row = similarity[rows, last]
+        score = score + row if rule == "maxsum" else torch.minimum(score, 1 - row)
+        picked[rows, last] = True
+        cost = score if rule == "maxsum" else -score
+        last = cost.masked_fill(picked, float("inf")).argmin(dim=1)
+        picks.append(last)
+    return torch.stack(picks, dim=1)
+
+
+def _check_greedy_inputs(similarity: Tensor, first: Tensor, count: int, rule: str) -> None:
+    """Validate the arguments of :func:`greedy_diverse` (every path shares these checks)."""
+    if rule not in GREEDY_RULES:
+        raise ValueError(f"rule={rule!r} is not supported. Use one of {list(GREEDY_RULES)}.")
+    if similarity.ndim != 3 or similarity.shape[1] != similarity.shape[2]:
+        raise ValueError(f"similarity must be (B, n, n), but got shape {tuple(similarity.shape)}.")
+    if similarity.dtype != torch.float32:
+        raise ValueError(f"similarity must be float32, but got {similarity.dtype}. Convert it with .float().")
+    if first.shape != similarity.shape[:1] or first.dtype != torch.long:
+        raise ValueError(
+            f"first must be a (B,) = ({similarity.shape[0]},) long tensor, but got shape {tuple(first.shape)} and "
+            f"dtype {first.dtype}."
+        )
+    if first.device != similarity.device:
+        raise ValueError(f"first is on {first.device} but similarity on {similarity.device}; put both on one device.")
+    if not 1 <= count <= similarity.shape[1]:
+        raise ValueError(f"count={count} must be in 1..n = 1..{similarity.shape[1]}.")

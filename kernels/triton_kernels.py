@@ -41,13 +41,14 @@ from vtprune.kernels.reference import (
     _check_attention_inputs,
     _check_compact_inputs,
     _check_gather_inputs,
+    _check_greedy_inputs,
     _pack_unmasked,
     _valid_mask,
     _varlen_counts,
 )
 from vtprune.kernels.reference import attention_rows as _reference_attention_rows
 
-__all__ = ["attention_rows", "compact_sequence", "gather_tokens", "supports"]
+__all__ = ["attention_rows", "compact_sequence", "gather_tokens", "greedy_diverse", "supports"]
 
 # Raw integer type of each element width: copies move bits, so NaN payloads, -0.0 and bool bytes survive as is.
 _RAW_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -61,10 +62,12 @@ _OFFSET_TABLES_KEPT = 8
 
 
 def supports(op: str, *tensors: Tensor) -> bool:
-    """Whether the Triton path handles these tensors for ``op`` ("gather" or "attention"); the reference does
-    the rest (fp64 logits, 16-byte complex elements)."""
+    """Whether the Triton path handles these tensors for ``op`` ("gather", "attention" or "greedy"); the reference
+    does the rest (fp64 logits, 16-byte complex elements, non-fp32 similarities)."""
     if op == "gather":
         return all(t.element_size() in _RAW_DTYPES for t in tensors)
+    if op == "greedy":
+        return all(t.dtype == torch.float32 for t in tensors)
     return all(t.dtype in _ATTENTION_DTYPES for t in tensors)
 
 
@@ -359,6 +362,63 @@ def _attn_probs_kernel(
         tl.store(head_sum_ptr + reduced, head_sum * head_scale, mask=out_ok)
     if STORE_MAX:
         tl.store(head_max_ptr + reduced, head_max, mask=out_ok)
+
+
+@triton.jit
+def _greedy_diverse_kernel(
+    sim_ptr,
+    first_ptr,
+    out_ptr,
+    score_ptr,
+    n,
+    count,
+    sim_stride_b,
+    sim_stride_r,
+    sim_stride_c,
+    MAXSUM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program per sample runs the whole greedy loop: the PyTorch loop launches a few kernels per pick, and
+    # at N = 576 those launches, not the arithmetic, are the time. Each step reads one row of the similarities.
+    b = tl.program_id(0).to(tl.int64)
+    sim = sim_ptr + b * sim_stride_b
+    score = score_ptr + b * n
+    last = tl.load(first_ptr + b)
+    tl.store(out_ptr + b * count, last)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        if MAXSUM:
+            init = tl.zeros([BLOCK], dtype=tl.float32)
+        else:
+            init = tl.full([BLOCK], float("inf"), dtype=tl.float32)
+        tl.store(score + offs, init, mask=offs < n)
+    for step in range(1, count):
+        best = float("inf")
+        best_index = 0
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < n
+            current = tl.load(score + offs, mask=ok, other=0.0)
+            row = tl.load(sim + last * sim_stride_r + offs * sim_stride_c, mask=ok, other=0.0)
+            # The previous pick is retired as the row is added: +inf never wins max-sum, -inf never wins k-center.
+            if MAXSUM:
+                current = tl.where(offs == last, float("inf"), current + row)
+                cost = current
+            else:
+                current = tl.where(offs == last, float("-inf"), tl.minimum(current, 1.0 - row))
+                cost = -current
+            tl.store(score + offs, current, mask=ok)
+            cost = tl.where(ok, cost, float("inf"))
+            block_best = tl.min(cost, axis=0)
+            block_index = tl.argmin(cost, axis=0) + start
+            # Strictly better only: an equal cost in a later block keeps the lower index, as torch.argmin does.
+            better = block_best < best
+            best_index = tl.where(better, block_index, best_index)
+            best = tl.where(better, block_best, best)
+        last = best_index.to(tl.int64)
+        tl.store(out_ptr + b * count + step, last)
+        # The next step reads this step's scores; make every thread's stores visible to the others.
+        tl.debug_barrier()
 
 
 # -------------------------------------------------------------------------------------------------- launchers
@@ -796,3 +856,23 @@ def attention_rows(
     if reduce == "max":
         return max_out  # type: ignore[return-value]
     return sum_out, max_out  # type: ignore[return-value]
+
+
+def greedy_diverse(similarity: Tensor, first: Tensor, count: int, rule: str) -> Tensor:
+    """Triton version of :func:`vtprune.kernels.reference.greedy_diverse`: the same picks, one launch for the
+    whole loop (fp32 sums in the same order as the reference)."""
+    _check_greedy_inputs(similarity, first, count, rule)
+    _check_device(similarity)
+    batch, n, _ = similarity.shape
+    out = _new_output((batch, count), torch.long, similarity.device)
+    if batch == 0:
+        return out
+    score = _new_output((batch, n), torch.float32, similarity.device)
+    block = min(1024, max(16, triton.next_power_of_2(n)))
+    with _launch_context(similarity.device):
+        _greedy_diverse_kernel[(batch,)](
+            similarity, first.contiguous(), out, score, n, count,
+            similarity.stride(0), similarity.stride(1), similarity.stride(2),
+            MAXSUM=rule == "maxsum", BLOCK=block,
+        )
+    return out

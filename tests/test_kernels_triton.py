@@ -282,6 +282,50 @@ def test_attention_rows_sums_to_one_on_long_rows(device: str, triton_path: list)
 # ------------------------------------------------------------------------------------------- dispatch, errors
 
 
+
+# ----------------------------------------------------------------------------------------------- greedy_diverse
+
+
+def unit_similarity(batch: int, n: int, device: str, seed: int, duplicates: bool = False) -> Tensor:
+    x = torch.nn.functional.normalize(randn(batch, n, 16, seed=seed), dim=-1)
+    if duplicates:
+        # Repeated tokens give exactly equal similarities: the picks must break those ties like torch.argmin.
+        x[:, 1::3] = x[:, 0:1]
+    return (x @ x.transpose(1, 2)).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rule", ["maxsum", "kcenter"])
+@pytest.mark.parametrize(("batch", "n", "count", "duplicates"), [(1, 1, 1, False), (3, 37, 9, False),
+                                                                 (2, 1100, 6, False), (2, 40, 30, True)])
+def test_greedy_diverse(device: str, rule: str, batch: int, n: int, count: int, duplicates: bool,
+                        triton_path: list) -> None:
+    similarity = unit_similarity(batch, n, device, seed=n, duplicates=duplicates)
+    first = torch.arange(batch, device=device) % n
+    expected = reference.greedy_diverse(similarity, first, count, rule)
+    got = kernels.greedy_diverse(similarity, first, count, rule)
+    assert triton_path, "the Triton path did not run"
+    assert torch.equal(got, expected)
+    assert all(row.unique().numel() == count for row in got)
+    assert torch.equal(got[:, 0], first)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_diverse_rejects_bad_inputs(device: str) -> None:
+    similarity = unit_similarity(2, 5, device, seed=0)
+    first = torch.zeros(2, dtype=torch.long, device=device)
+    for module in (reference, triton_kernels):
+        with pytest.raises(ValueError, match="rule"):
+            module.greedy_diverse(similarity, first, 2, "dpp")
+        with pytest.raises(ValueError, match="count"):
+            module.greedy_diverse(similarity, first, 6, "maxsum")
+        with pytest.raises(ValueError, match="float32"):
+            module.greedy_diverse(similarity.double(), first, 2, "maxsum")
+        with pytest.raises(ValueError, match=r"\(B, n, n\)"):
+            module.greedy_diverse(similarity[:, :4], first, 2, "maxsum")
+        with pytest.raises(ValueError, match="first"):
+            module.greedy_diverse(similarity, first.int(), 2, "maxsum")
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_dispatch_falls_back_to_the_reference(device: str, monkeypatch) -> None:
     calls: list[str] = []

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vtprune import kernels
 from vtprune.config import PrunerConfig
 from vtprune.pruners.base import Pruner
 from vtprune.registry import register_pruner
@@ -123,10 +124,17 @@ def first_pivot(x: Tensor, images: list[ImageTokens]) -> Tensor:
     return cls_pivot(torch.stack(attention), torch.stack(candidates), pivot)
 
 
-def _similarity_to(x: Tensor, index: Tensor) -> Tensor:
-    """(B, n, C), (B,) -> (B, n) dot products of every token with token ``index`` of its row."""
-    picked = x.gather(1, index[:, None, None].expand(-1, 1, x.shape[-1]))
-    return (x @ picked.transpose(1, 2)).squeeze(-1)
+# Pairwise similarities of a whole batch up to this size (fp32 bytes) are built at once; larger batches (long
+# videos) go sample by sample so that the (n, n) matrix of one sample is the peak.
+_BATCH_SIMILARITY_BYTES = 2**31
+
+
+def _greedy(x: Tensor, count: int, pivot: Tensor, rule: str) -> Tensor:
+    batch, n, _ = x.shape
+    if batch > 1 and batch * n * n * 4 > _BATCH_SIMILARITY_BYTES:
+        return torch.cat([_greedy(x[b : b + 1], count, pivot[b : b + 1], rule) for b in range(batch)])
+    # One GEMM for all pairs, then the greedy loop reads one row per pick (one launch on GPU).
+    return kernels.greedy_diverse(x @ x.transpose(1, 2), pivot, count, rule)
 
 
 def max_sum_diversify(x: Tensor, count: int, pivot: Tensor) -> Tensor:
@@ -134,28 +142,12 @@ def max_sum_diversify(x: Tensor, count: int, pivot: Tensor) -> Tensor:
 
     Step t adds the unpicked token with the smallest summed cosine similarity to the t picks so far.
     """
-    score = _similarity_to(x, pivot)
-    picked = torch.zeros_like(score, dtype=torch.bool).scatter_(1, pivot[:, None], True)
-    picks = [pivot]
-    for _ in range(count - 1):
-        nxt = score.masked_fill(picked, float("inf")).argmin(dim=1)
-        picked.scatter_(1, nxt[:, None], True)
-        picks.append(nxt)
-        score = score + _similarity_to(x, nxt)
-    return torch.stack(picks, dim=1)
+    return _greedy(x, count, pivot, "maxsum")
 
 
 def k_center(x: Tensor, count: int, pivot: Tensor) -> Tensor:
     """Greedy k-center (farthest point) on cosine distance: (B, n, C) unit-norm tokens -> (B, count) picks."""
-    nearest = 1 - _similarity_to(x, pivot)
-    picked = torch.zeros_like(nearest, dtype=torch.bool).scatter_(1, pivot[:, None], True)
-    picks = [pivot]
-    for _ in range(count - 1):
-        nxt = nearest.masked_fill(picked, float("-inf")).argmax(dim=1)
-        picked.scatter_(1, nxt[:, None], True)
-        picks.append(nxt)
-        nearest = torch.minimum(nearest, 1 - _similarity_to(x, nxt))
-    return torch.stack(picks, dim=1)
+    return _greedy(x, count, pivot, "kcenter")
 
 
 def relevance_ratios(
