@@ -6,8 +6,9 @@ abstract described stage 1 as greedy k-center). No official code was found; re-i
 
 Stage 1, on the projected visual tokens of each image (LLM embedding space), keeps k = round(keep·n) tokens by
 greedy max-sum diversification on cosine similarity: start from a pivot, the token the vision encoder's CLS attends
-to most, then repeatedly add the token whose summed similarity to the tokens picked so far is smallest (one mat-vec
-per step, batched over images of equal size).
+to most, then repeatedly add the token whose summed similarity to the tokens picked so far is smallest (one GEMM
+of pairwise similarities per batch of equal-size images, then ``vtprune.kernels.greedy_diverse``: the whole greedy
+loop in one Triton launch on GPU).
 ``selection="kcenter"`` is the v1 rule instead: add the token farthest (cosine distance) from its nearest pick.
 
 Stage 2, inside the LLM: at layer ℓ (``relevance_layer``, 7L/8 by default) the head-mean attention of the text
