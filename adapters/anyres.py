@@ -109,6 +109,7 @@ class AnyResAdapter(Adapter):
     # CLIP (LLaVA-NeXT) has a CLS per tile, SigLIP (OneVision) none. Each tile's row is packed like its features, so
     # every token carries the attention of its own tile's CLS.
     vision_cls_attention = LlavaAdapter.vision_cls_attention
+    _tower_has_cls = LlavaAdapter._tower_has_cls
 
     def visual_token_ids(self) -> list[int]:
         return [int(self.model.config.image_token_id)]

@@ -26,9 +26,18 @@ class LlavaAdapter(Adapter):
     def tokens_per_image(self) -> int:
         vision = self.model.config.vision_config
         count = (vision.image_size // vision.patch_size) ** 2
-        if self.model.config.vision_feature_select_strategy == "full":
+        # transformers keeps every token the tower returns under "full" (a CLIP tower's CLS included) and drops
+        # the first one under "default" (a SigLIP tower has no CLS, so that is a patch).
+        if self._tower_has_cls():
             count += 1
+        if self.model.config.vision_feature_select_strategy == "default":
+            count -= 1
         return count
+
+    def _tower_has_cls(self) -> bool:
+        tower = self.inner.vision_tower
+        tower = getattr(tower, "vision_model", tower)
+        return getattr(tower.embeddings, "class_embedding", None) is not None
 
     def image_layout(self, input_ids: Tensor, visual_mask: Tensor, model_kwargs: dict[str, Any]) -> list[ImageLayout]:
         per_image = self.tokens_per_image()
@@ -63,11 +72,10 @@ class LlavaAdapter(Adapter):
     def vision_cls_attention(self) -> nn.Module | None:
         # CLIP prepends a CLS token; SigLIP towers (LLaVA-Interleave, OneVision) have none. The CLS row is read at
         # the last layer, which transformers runs even where the features come from layer -2.
-        tower = self.inner.vision_tower
-        tower = getattr(tower, "vision_model", tower)
-        if getattr(tower.embeddings, "class_embedding", None) is None:
+        if not self._tower_has_cls():
             return None
-        return tower.encoder.layers[-1].self_attn
+        tower = self.inner.vision_tower
+        return getattr(tower, "vision_model", tower).encoder.layers[-1].self_attn
 
     def cls_attention_tokens(self, rows: Tensor) -> Tensor:
         if self.model.config.vision_feature_select_strategy == "full":
