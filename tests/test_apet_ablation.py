@@ -33,3 +33,15 @@ def test_inject_alone_changes_only_the_basis_slots():
 def test_switches_must_be_booleans(name):
     with pytest.raises(TypeError, match=name):
         ApETConfig(keep=0.25, **{name: 1})
+
+
+def test_coverage_analysis_runs_on_the_reference_checkpoint():
+    from vtprune.eval.apet_coverage import measure
+
+    result = measure("llava", "count", 2, (0.11,))
+    assert 0 < result["foreground_share"] < 1 and 0 <= result["basis_on_foreground"] <= 1
+    assert set(result["foreground_covered"]) == {"uniform@0.11", "apet[merge=false,inject=false]@0.11", "apet@0.11"}
+    assert all(0 <= share <= 1 for share in result["foreground_covered"].values())
+    # The switches change ApET's values, never its selection: the same tokens cover the same foreground.
+    covered = result["foreground_covered"]
+    assert covered["apet@0.11"] == covered["apet[merge=false,inject=false]@0.11"]
