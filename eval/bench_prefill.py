@@ -136,6 +136,13 @@ class Bench:
         return run
 
 
+def cache_mib(output: Any, batch: int) -> float:
+    """MiB of K/V one prompt holds after the prefill: every layer's cache tensors as the model returned them."""
+    cache = output.past_key_values
+    total = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    return total / batch / 2**20
+
+
 def bench_methods(report: Report, bench: Bench, shapes: Shapes, rounds: int, cases: tuple[str, ...] | None) -> None:
     import vtprune
 
@@ -152,6 +159,7 @@ def bench_methods(report: Report, bench: Bench, shapes: Shapes, rounds: int, cas
         return t
 
     base = results["unpruned"] = measure(bench.prefill)
+    base["kv_MiB_per_prompt"] = cache_mib(bench.prefill(), bench.batch)
     report.row(f"prefill unpruned B={bench.batch} N={bench.length}", f"{base['ms']:,.2f} ms", "")
     loop = bench.ideal([bench.image_tokens] * num_layers)
     # The loop must compute what HF's forward computes, or its times say nothing about the ideal.
@@ -174,7 +182,7 @@ def bench_methods(report: Report, bench: Bench, shapes: Shapes, rounds: int, cas
         def case(label=label, method=method, options=options) -> None:
             vtprune.wrap(bench.model, method, keep=KEEP, **options)
             try:
-                bench.prefill()
+                kv_mib = cache_mib(bench.prefill(), bench.batch)
                 stats = bench.model.vtprune.last_stats
             finally:
                 vtprune.unwrap(bench.model)
@@ -199,7 +207,8 @@ def bench_methods(report: Report, bench: Bench, shapes: Shapes, rounds: int, cas
                 "ideal_ms": ideal["ms"], "ideal_rounds_ms": ideal["rounds_ms"], "unpruned_ms": unpruned["ms"],
                 "ideal_hf_sync_ms": ideal_hf["ms"], "vs_ideal_hf_sync": t["ms"] / ideal_hf["ms"],
                 "unpruned_rounds_ms": unpruned["rounds_ms"], "vs_unpruned": t["ms"] / unpruned["ms"],
-                "vs_ideal": t["ms"] / ideal["ms"],
+                "vs_ideal": t["ms"] / ideal["ms"], "kv_MiB_per_prompt": kv_mib,
+                "kv_vs_unpruned": kv_mib / base["kv_MiB_per_prompt"],
                 "K_in": stats["samples"][0]["K_in"], "K_avg": stats["samples"][0]["K_avg"],
                 "tokens_per_layer": counts, "samples_differ": any(c != counts for c in per_layer),
                 "select_host_ms": [round(s["seconds"] * 1e3, 3) for s in stats["samples"][0]["stages"]],
