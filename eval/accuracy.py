@@ -167,6 +167,6 @@ def family_of(model: Any) -> reference.FamilySpec:
     if model_type not in reference.FAMILIES:
         raise ValueError(
             f"vtprune eval runs on the reference checkpoints ({list(reference.FAMILIES)}); this model is "
-            f"'{model_type}'. For other models use the lmms-eval bridge."
+            f"'{model_type}'. Other models need a benchmark harness (the lmms-eval bridge is not built yet)."
         )
     return reference.FAMILIES[model_type]
