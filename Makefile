@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/vtprune compare --methods uniform,random --keep 0.11
+	$(BIN)/vtprune compare --methods all --keep 0.11
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -92,6 +92,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from vtprune.eval.measure import answer, measure_prefill
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if methods == ["all"]:
+        methods = vtprune.list_methods()
     for method in methods:
         get_pruner_class(method)  # fail fast, with "did you mean", before loading anything
     model, processor, note = load_model(args.model, args.device, args.dtype, args.attn)
@@ -195,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--model", help="local checkpoint directory (default: a tiny built-in model)")
     compare.add_argument("--image", help="image file (default: the sample image shipped with vtprune)")
     compare.add_argument("--question", default="what colour is the cross ?")
-    compare.add_argument("--methods", default="uniform,random", help="comma-separated method names")
+    compare.add_argument("--methods", default="all", help="comma-separated method names, or 'all' (every "
+                         "registered method)")
     compare.add_argument("--keep", type=float, default=0.11, help="fraction of visual tokens kept, in (0, 1]")
     compare.add_argument("--budget", default="input", choices=["input", "average"])
     compare.add_argument("--where", help="insertion point for methods that take one: encoder|projector|llm:K")

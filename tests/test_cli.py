@@ -1,0 +1,29 @@
+"""The ``vtprune`` command end to end on the LLaVA reference checkpoint: what ``make run`` shows a new user."""
+
+from __future__ import annotations
+
+import json
+
+import vtprune
+from vtprune import cli
+
+
+def test_compare_all_methods_on_the_reference_checkpoint(tmp_path, capsys) -> None:
+    out = tmp_path / "compare.json"
+    code = cli.main(["compare", "--methods", "all", "--keep", "0.11", "--repeats", "1", "--max-new-tokens", "2",
+                     "--json", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["unpruned", *vtprune.list_methods()]
+    unpruned = rows[0]
+    assert unpruned["visual_in"] == unpruned["K_in"] == 576
+    for row in rows[1:]:
+        assert row["K_in"] == round(0.11 * 576)  # on this 4-layer LLM even ADSC drops at the entry (layer 0)
+        assert row["K_avg"] <= 0.12 * 576
+        assert row["kv_bytes"] < unpruned["kv_bytes"]
+    assert "not GPU speed-ups" in capsys.readouterr().out
+
+
+def test_compare_rejects_an_unknown_method_before_loading(capsys) -> None:
+    assert cli.main(["compare", "--methods", "uniform,fastv2"]) == 2
+    assert "fastv2" in capsys.readouterr().err
