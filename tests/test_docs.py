@@ -1,0 +1,60 @@
+"""The code in docs/ runs as written: the example method of docs/adding_a_method.md registers, prunes a model and
+keeps what it says it keeps."""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import vtprune
+from vtprune import registry
+
+from .conftest import FACTORIES, Prompt
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "adding_a_method.md"
+
+
+@pytest.fixture
+def example_method(monkeypatch):
+    """Execute the doc's example in a private copy of the registry, so the matrix never sees it."""
+    registry._load_builtins()
+    monkeypatch.setattr(registry, "PRUNERS", dict(registry.PRUNERS))
+    (code,) = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    module = types.ModuleType("docs_example")
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up
+    exec(compile(code, str(DOC), "exec"), module.__dict__)
+    return module.__dict__
+
+
+def test_the_example_method_keeps_the_largest_norm_tokens(example_method) -> None:
+    assert "largest-norm" in vtprune.list_methods()
+    factory = FACTORIES["llava"]
+    model = factory.build("sdpa")
+    inputs = factory.inputs(model, [Prompt(images=1), Prompt(images=2)], seed=3)
+    captured = []
+    hook = model.model.multi_modal_projector.register_forward_hook(lambda m, a, out: captured.append(out))
+    vtprune.wrap(model, "largest-norm", keep=0.25)
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    kept = model.vtprune.adapter.last_stats.stages[0].kept
+    features = captured[0].reshape(3, -1, captured[0].shape[-1]).float()
+    budget = round(0.25 * features.shape[1])
+    for image, indices in enumerate(kept):
+        expected = features[image].norm(dim=-1).topk(budget).indices
+        assert torch.equal(indices.sort().values, expected.sort().values)
+    vtprune.unwrap(model)
+    vtprune.wrap(model, "largest-norm", keep=0.25, where="llm:2")
+    with torch.no_grad():
+        model(**inputs)
+    assert model.vtprune.last_stats["samples"][1]["tokens_per_layer"][2] == 2 * budget
+
+
+def test_the_example_config_rejects_a_point_it_does_not_support(example_method) -> None:
+    with pytest.raises(ValueError, match="largest-norm acts at"):
+        example_method["LargestNormConfig"](keep=0.5, where="encoder")
