@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from vtprune.eval.bench_kernels import FULL, SMOKE, Report, Shapes, build_llava, timed
+from vtprune.eval.measure import cache_of, kv_cache_bytes
 
 KEEP = 0.11
 METHOD_CASES = (
@@ -138,9 +139,7 @@ class Bench:
 
 def cache_mib(output: Any, batch: int) -> float:
     """MiB of K/V one prompt holds after the prefill: every layer's cache tensors as the model returned them."""
-    cache = output.past_key_values
-    total = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    return total / batch / 2**20
+    return kv_cache_bytes(cache_of(output)) / batch / 2**20
 
 
 def bench_methods(report: Report, bench: Bench, shapes: Shapes, rounds: int, cases: tuple[str, ...] | None) -> None:

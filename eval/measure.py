@@ -41,7 +41,7 @@ def measure_prefill(model: Any, inputs: dict[str, torch.Tensor], repeats: int = 
         times.append(time.perf_counter() - started)
         if device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(device)
-    return {"prefill_s": statistics.median(times), "peak_bytes": peak, "kv_bytes": kv_cache_bytes(_cache_of(out))}
+    return {"prefill_s": statistics.median(times), "peak_bytes": peak, "kv_bytes": kv_cache_bytes(cache_of(out))}
 
 
 @torch.no_grad()
@@ -50,7 +50,8 @@ def answer(model: Any, processor: Any, inputs: dict[str, torch.Tensor], max_new_
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
 
 
-def _cache_of(output: Any) -> Any:
+def cache_of(output: Any) -> Any:
+    """The KV cache a forward returned, under either transformers name."""
     # transformers 5.24 renamed the output field past_key_values -> cache (the old name still works, with a warning).
     cache = getattr(output, "cache", None)
     return cache if cache is not None else output.past_key_values
