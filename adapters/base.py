@@ -334,6 +334,7 @@ class Adapter(ABC):
         )
         self.state.stats.image_sample = [im.sample for im in images]
         self.state.stats.image_tokens = [im.positions.numel() for im in images]
+        self.state.stats.image_grid = [im.grid for im in images]
 
     def _on_llm_entry(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         st = self.state

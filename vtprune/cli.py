@@ -72,17 +72,28 @@ def load_model(model_dir: str | None, device: str, dtype: str, attn: str) -> tup
 def build_inputs(processor: Any, image_path: Path, question: str, device: str) -> dict[str, Any]:
     from PIL import Image
 
-    image = Image.open(image_path).convert("RGB")
+    return media_inputs(processor, question, device, image=Image.open(image_path).convert("RGB"))
+
+
+def media_inputs(processor: Any, question: str, device: str, image: Any = None, frames: list | None = None
+                 ) -> dict[str, Any]:
+    """Model inputs for one question about one image (a PIL image) or one video (a list of PIL frames)."""
+    if (image is None) == (frames is None):
+        raise ValueError("Pass either an image or a list of video frames.")
+    kind = "image" if image is not None else "video"
     if getattr(processor, "chat_template", None):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     else:
-        # No chat template: the format vtprune's reference checkpoints were trained on (question, then image).
-        placeholder = processor.image_token
-        if "image_pad" in placeholder:
+        # No chat template: the format vtprune's reference checkpoints were trained on (question, then media).
+        placeholder = getattr(processor, f"{kind}_token", None)
+        if placeholder is None:
+            raise ValueError(f"This processor has no {kind} token: the model does not take {kind}s.")
+        if "_pad" in placeholder:
             placeholder = f"<|vision_start|> {placeholder} <|vision_end|>"
         prompt = f"USER: {question} {placeholder} ASSISTANT:"
-    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    media = {"images": image} if image is not None else {"videos": [frames]}
+    inputs = processor(text=prompt, return_tensors="pt", **media)
     return {k: v.to(device) for k, v in inputs.items()}
 
 

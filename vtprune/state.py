@@ -165,6 +165,7 @@ class CallStats:
 
     image_sample: list[int] = field(default_factory=list)
     image_tokens: list[int] = field(default_factory=list)
+    image_grid: list[tuple[int, int] | None] = field(default_factory=list)  # per image, (rows, cols) or None
     stages: list[StageStats] = field(default_factory=list)
     tokens_per_layer: Tensor | None = None  # (B, num_layers) visual tokens processed by each decoder layer
 
