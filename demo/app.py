@@ -4,7 +4,8 @@
     python demo/app.py --model DIR              # a local transformers VLM; no --model: the LLaVA reference checkpoint
 
 The page shows both answers, the visual tokens the method kept drawn over the image as the model saw it (dropped
-ones dimmed), and the measured prefill time, peak GPU memory and KV cache of the pruned and the unpruned model.
+ones dimmed), and the measured prefill time, decode time per token, peak GPU memory and KV cache of the pruned and
+the unpruned model.
 Everything it shows comes from :func:`compare`, which works without gradio (and is what the tests run). The demo is
 not part of the installed package; it runs from the repository.
 """
@@ -21,7 +22,7 @@ from PIL import Image
 
 import vtprune
 from vtprune.cli import load_model, media_inputs
-from vtprune.eval.measure import answer, measure_prefill
+from vtprune.eval.measure import answer, measure_decode, measure_prefill
 
 # Dropped tokens keep this fraction of their brightness in the overlay.
 DIMMED = 0.25
@@ -38,12 +39,13 @@ class DemoResult:
 
     def table(self) -> str:
         """The measurements as a Markdown table."""
-        lines = ["| setting | visual tokens | K_avg | prefill | speed-up | peak GPU memory | KV cache |",
-                 "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines = ["| setting | visual tokens | K_avg | prefill | speed-up | decode per token | speed-up | "
+                 "peak GPU memory | KV cache |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in self.rows:
             peak = f"{r['peak_bytes'] / 2**20:,.0f} MiB" if r["peak_bytes"] is not None else "n/a (CPU)"
             lines.append(f"| {r['setting']} | {r['visual_in']} → {r['K_in']} | {r['K_avg']:.1f} | "
-                         f"{1000 * r['prefill_s']:.1f} ms | {r['speedup']:.2f}× | {peak} | "
+                         f"{1000 * r['prefill_s']:.1f} ms | {r['speedup']:.2f}× | {1000 * r['decode_s']:.2f} ms | "
+                         f"{r['decode_speedup']:.2f}× | {peak} | "
                          f"{r['kv_bytes'] / 2**20:.2f} MiB |")
         return "\n".join(lines)
 
@@ -96,11 +98,15 @@ def compare(model: Any, processor: Any, question: str, method: str, keep: float,
     device = str(next(model.parameters()).device)
     inputs = media_inputs(processor, question, device, image=image, frames=frames)
     answers = {}
-    base = measure_prefill(model, inputs, repeats)
+
+    def measured() -> dict[str, Any]:
+        return {**measure_prefill(model, inputs, repeats), "decode_s": measure_decode(model, inputs, repeats=repeats)}
+
+    base = measured()
     answers["unpruned"] = answer(model, processor, inputs, max_new_tokens)
     vtprune.wrap(model, method, keep=keep, budget=budget)
     try:
-        pruned = measure_prefill(model, inputs, repeats)
+        pruned = measured()
         stats = model.vtprune.adapter.last_stats
         sample = model.vtprune.last_stats["samples"][0]
         answers[method] = answer(model, processor, inputs, max_new_tokens)
@@ -110,9 +116,10 @@ def compare(model: Any, processor: Any, question: str, method: str, keep: float,
     visual_in = sample["visual_tokens"]
     rows = [
         {"setting": "unpruned", "visual_in": visual_in, "K_in": visual_in, "K_avg": float(visual_in), "speedup": 1.0,
-         **base},
+         "decode_speedup": 1.0, **base},
         {"setting": f"{method} keep={keep:g} ({budget})", "visual_in": visual_in, "K_in": sample["K_in"],
-         "K_avg": sample["K_avg"], "speedup": base["prefill_s"] / pruned["prefill_s"], **pruned},
+         "K_avg": sample["K_avg"], "speedup": base["prefill_s"] / pruned["prefill_s"],
+         "decode_speedup": base["decode_s"] / pruned["decode_s"], **pruned},
     ]
     notes = []
     if device == "cpu":

@@ -45,6 +45,27 @@ def measure_prefill(model: Any, inputs: dict[str, torch.Tensor], repeats: int = 
 
 
 @torch.no_grad()
+def measure_decode(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int = 8, repeats: int = 3) -> float:
+    """Median seconds per generated token after the first: ``generate`` of ``new_tokens`` tokens minus
+    ``generate`` of one (which is the prefill), over ``new_tokens - 1``. Greedy, end-of-sequence suppressed so that
+    every run makes the same number of steps."""
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens={new_tokens}: decode time needs at least 2 new tokens.")
+    device = next(model.parameters()).device
+
+    def generate_seconds(count: int) -> float:
+        _sync(device)
+        started = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False)
+        _sync(device)
+        return time.perf_counter() - started
+
+    generate_seconds(new_tokens)  # warm-up
+    per_token = [(generate_seconds(new_tokens) - generate_seconds(1)) / (new_tokens - 1) for _ in range(repeats)]
+    return statistics.median(per_token)
+
+
+@torch.no_grad()
 def answer(model: Any, processor: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int = 16) -> str:
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()

@@ -21,6 +21,7 @@ def test_compare_all_methods_on_the_reference_checkpoint(tmp_path, capsys) -> No
         assert row["K_in"] == round(0.11 * 576)  # on this 4-layer LLM even ADSC drops at the entry (layer 0)
         assert row["K_avg"] <= 0.12 * 576
         assert row["kv_bytes"] < unpruned["kv_bytes"]
+        assert row["decode_s"] > 0
     assert "not GPU speed-ups" in capsys.readouterr().out
 
 

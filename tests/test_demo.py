@@ -48,6 +48,7 @@ def test_compare_on_an_image_draws_the_kept_tokens_over_the_image_the_model_saw(
     unpruned, pruned = result.rows
     assert unpruned["visual_in"] == pruned["visual_in"] == 576 and pruned["K_in"] == 63
     assert pruned["kv_bytes"] < unpruned["kv_bytes"]
+    assert unpruned["decode_s"] > 0 and pruned["decode_s"] > 0 and unpruned["decode_speedup"] == 1.0
     assert "| uniform keep=0.11 (input) | 576 → 63 |" in result.table()
     # 63 of 24 x 24 cells keep their brightness; the rest are dimmed to DIMMED.
     seen = app.seen_image(processor, app.media_inputs(processor, "q", "cpu", image=image), image)
@@ -106,3 +107,22 @@ def test_the_page_needs_gradio_and_says_how_to_get_it() -> None:
     else:
         page = app.build_ui(model, processor, note)
         assert page is not None
+
+
+def test_measure_decode_times_the_steps_after_the_prefill() -> None:
+    from vtprune.eval.measure import measure_decode
+
+    model, processor, _ = load_model(str(CHECKPOINTS / "llava"), "cpu", "float32", "sdpa")
+    inputs = app.media_inputs(processor, "what colour is the cross ?", "cpu", image=Image.open(SAMPLE).convert("RGB"))
+    calls = []
+    generate = model.generate
+
+    def counted(**kwargs):
+        calls.append((kwargs["max_new_tokens"], kwargs["min_new_tokens"]))
+        return generate(**kwargs)
+
+    model.generate = counted
+    assert measure_decode(model, inputs, new_tokens=4, repeats=2) > 0
+    assert calls == [(4, 4), (4, 4), (1, 1), (4, 4), (1, 1)]
+    with pytest.raises(ValueError, match="at least 2"):
+        measure_decode(model, inputs, new_tokens=1)

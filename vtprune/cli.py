@@ -100,7 +100,7 @@ def media_inputs(processor: Any, question: str, device: str, image: Any = None, 
 def cmd_compare(args: argparse.Namespace) -> int:
     import torch
 
-    from vtprune.eval.measure import answer, measure_prefill
+    from vtprune.eval.measure import answer, measure_decode, measure_prefill
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if methods == ["all"]:
@@ -115,7 +115,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     visual_in = int(torch.isin(inputs["input_ids"], torch.tensor(model.config.image_token_id)).sum())
 
     results = []
-    base = measure_prefill(model, inputs, args.repeats)
+    base = {**measure_prefill(model, inputs, args.repeats),
+            "decode_s": measure_decode(model, inputs, repeats=args.repeats)}
     results.append({"method": "unpruned", "keep": 1.0, "visual_in": visual_in, "K_in": visual_in,
                     "K_avg": float(visual_in), "answer": answer(model, processor, inputs, args.max_new_tokens),
                     **base})
@@ -123,7 +124,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         options = {"where": args.where} if args.where else {}
         vtprune.wrap(model, method, keep=args.keep, budget=args.budget, **options)
         try:
-            measured = measure_prefill(model, inputs, args.repeats)
+            measured = {**measure_prefill(model, inputs, args.repeats),
+                        "decode_s": measure_decode(model, inputs, repeats=args.repeats)}
             stats = model.vtprune.last_stats["samples"][0]
             reply = answer(model, processor, inputs, args.max_new_tokens)
         finally:
@@ -135,10 +137,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for r in results:
         peak = f"{r['peak_bytes'] / 2**20:.1f}" if r["peak_bytes"] is not None else "n/a (CPU)"
         rows.append((r["method"], f"{r['keep']:.2f}", f"{r['visual_in']} -> {r['K_in']}", f"{r['K_avg']:.1f}",
-                     f"{1000 * r['prefill_s']:.2f}", f"{base['prefill_s'] / r['prefill_s']:.2f}x", peak,
+                     f"{1000 * r['prefill_s']:.2f}", f"{base['prefill_s'] / r['prefill_s']:.2f}x",
+                     f"{1000 * r['decode_s']:.2f}", f"{base['decode_s'] / r['decode_s']:.2f}x", peak,
                      f"{r['kv_bytes'] / 2**20:.2f}", repr(r["answer"])))
-    _print_table(("method", "keep", "visual tokens in -> LLM", "K_avg", "prefill ms", "speed-up", "peak MiB",
-                  "KV MiB", "answer"), rows)
+    _print_table(("method", "keep", "visual tokens in -> LLM", "K_avg", "prefill ms", "speed-up", "decode ms/token",
+                  "speed-up", "peak MiB", "KV MiB", "answer"), rows)
     if args.device == "cpu":
         print("\nTimes are CPU wall times of this machine: indicative only, not GPU speed-ups.")
     if args.json:
