@@ -238,10 +238,8 @@ class AnyResAdapter(Adapter):
             yield VisualItem(layout, side * side + rows * (cols + 1), torch.cat((base, grid)))
 
     def global_view(self, image: ImageLayout) -> Tensor | None:
-        if image.kind == "video":
-            return None
-        view = torch.ones(image.positions.numel(), dtype=torch.bool, device=image.positions.device)
-        if image.tiles is not None:
+        view = super().global_view(image)
+        if view is not None and image.tiles is not None:
             # The base tile (the whole image, resized) comes first; the stitched high-resolution tiles follow.
             view[self.tile_side() ** 2:] = False
         return view

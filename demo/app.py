@@ -22,7 +22,7 @@ from PIL import Image
 
 import vtprune
 from vtprune.cli import load_model, media_inputs
-from vtprune.eval.measure import answer, measure_decode, measure_prefill
+from vtprune.eval.measure import measure_setting
 
 # Dropped tokens keep this fraction of their brightness in the overlay.
 DIMMED = 0.25
@@ -97,21 +97,15 @@ def compare(model: Any, processor: Any, question: str, method: str, keep: float,
         raise ValueError("compare() needs the unwrapped model; call vtprune.unwrap(model) first.")
     device = str(next(model.parameters()).device)
     inputs = media_inputs(processor, question, device, image=image, frames=frames)
-    answers = {}
-
-    def measured() -> dict[str, Any]:
-        return {**measure_prefill(model, inputs, repeats), "decode_s": measure_decode(model, inputs, repeats=repeats)}
-
-    base = measured()
-    answers["unpruned"] = answer(model, processor, inputs, max_new_tokens)
+    base = measure_setting(model, processor, inputs, repeats, max_new_tokens)
     vtprune.wrap(model, method, keep=keep, budget=budget)
     try:
-        pruned = measured()
+        pruned = measure_setting(model, processor, inputs, repeats, max_new_tokens)
         stats = model.vtprune.adapter.last_stats
         sample = model.vtprune.last_stats["samples"][0]
-        answers[method] = answer(model, processor, inputs, max_new_tokens)
     finally:
         vtprune.unwrap(model)
+    answers = {"unpruned": base["answer"], method: pruned["answer"]}
     # The prunable visual tokens, as the adapter counted them (layout tokens such as row newlines left out).
     visual_in = sample["visual_tokens"]
     rows = [

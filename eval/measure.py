@@ -65,6 +65,14 @@ def measure_decode(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int 
     return statistics.median(per_token)
 
 
+def measure_setting(model: Any, processor: Any, inputs: dict[str, torch.Tensor], repeats: int = 3,
+                    max_new_tokens: int = 16) -> dict[str, Any]:
+    """Everything ``vtprune compare`` and the demo show for one setting (the model as it is, wrapped or not):
+    ``measure_prefill``'s fields, ``decode_s`` per token and the greedy ``answer``."""
+    return {**measure_prefill(model, inputs, repeats), "decode_s": measure_decode(model, inputs, repeats=repeats),
+            "answer": answer(model, processor, inputs, max_new_tokens)}
+
+
 @torch.no_grad()
 def answer(model: Any, processor: Any, inputs: dict[str, torch.Tensor], max_new_tokens: int = 16) -> str:
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

@@ -100,7 +100,7 @@ def media_inputs(processor: Any, question: str, device: str, image: Any = None, 
 def cmd_compare(args: argparse.Namespace) -> int:
     import torch
 
-    from vtprune.eval.measure import answer, measure_decode, measure_prefill
+    from vtprune.eval.measure import measure_setting
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if methods == ["all"]:
@@ -115,23 +115,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     visual_in = int(torch.isin(inputs["input_ids"], torch.tensor(model.config.image_token_id)).sum())
 
     results = []
-    base = {**measure_prefill(model, inputs, args.repeats),
-            "decode_s": measure_decode(model, inputs, repeats=args.repeats)}
+    base = measure_setting(model, processor, inputs, args.repeats, args.max_new_tokens)
     results.append({"method": "unpruned", "keep": 1.0, "visual_in": visual_in, "K_in": visual_in,
-                    "K_avg": float(visual_in), "answer": answer(model, processor, inputs, args.max_new_tokens),
-                    **base})
+                    "K_avg": float(visual_in), **base})
     for method in methods:
         options = {"where": args.where} if args.where else {}
         vtprune.wrap(model, method, keep=args.keep, budget=args.budget, **options)
         try:
-            measured = {**measure_prefill(model, inputs, args.repeats),
-                        "decode_s": measure_decode(model, inputs, repeats=args.repeats)}
+            measured = measure_setting(model, processor, inputs, args.repeats, args.max_new_tokens)
             stats = model.vtprune.last_stats["samples"][0]
-            reply = answer(model, processor, inputs, args.max_new_tokens)
         finally:
             vtprune.unwrap(model)
         results.append({"method": method, "keep": args.keep, "visual_in": visual_in, "K_in": stats["K_in"],
-                        "K_avg": stats["K_avg"], "answer": reply, **measured})
+                        "K_avg": stats["K_avg"], **measured})
 
     rows = []
     for r in results:
