@@ -44,25 +44,38 @@ def measure_prefill(model: Any, inputs: dict[str, torch.Tensor], repeats: int = 
     return {"prefill_s": statistics.median(times), "peak_bytes": peak, "kv_bytes": kv_cache_bytes(cache_of(out))}
 
 
+class _StepClock:
+    """A logits processor that only timestamps: ``generate`` calls it once per new token, after that token's
+    forward, so consecutive stamps are one decode step apart (the first follows the prefill)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
 @torch.no_grad()
 def measure_decode(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int = 8, repeats: int = 3) -> float:
-    """Median seconds per generated token after the first: ``generate`` of ``new_tokens`` tokens minus
-    ``generate`` of one (which is the prefill), over ``new_tokens - 1``. Greedy, end-of-sequence suppressed so that
-    every run makes the same number of steps."""
+    """Median seconds per generated token after the first: the time between consecutive tokens of greedy
+    ``generate`` runs of ``new_tokens`` tokens (end-of-sequence suppressed, so every run makes the same steps).
+    Timing each step, not a difference of two runs, keeps the result positive however noisy the machine is."""
+    from transformers import LogitsProcessorList
+
     if new_tokens < 2:
         raise ValueError(f"new_tokens={new_tokens}: decode time needs at least 2 new tokens.")
     device = next(model.parameters()).device
-
-    def generate_seconds(count: int) -> float:
-        _sync(device)
-        started = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False)
-        _sync(device)
-        return time.perf_counter() - started
-
-    generate_seconds(new_tokens)  # warm-up
-    per_token = [(generate_seconds(new_tokens) - generate_seconds(1)) / (new_tokens - 1) for _ in range(repeats)]
-    return statistics.median(per_token)
+    steps: list[float] = []
+    for run in range(repeats + 1):
+        clock = _StepClock(device)
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList([clock]))
+        if run > 0:  # the first run warms up
+            steps += [later - earlier for earlier, later in zip(clock.stamps[:-1], clock.stamps[1:], strict=True)]
+    return statistics.median(steps)
 
 
 def measure_setting(model: Any, processor: Any, inputs: dict[str, torch.Tensor], repeats: int = 3,

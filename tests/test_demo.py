@@ -118,11 +118,15 @@ def test_measure_decode_times_the_steps_after_the_prefill() -> None:
     generate = model.generate
 
     def counted(**kwargs):
-        calls.append((kwargs["max_new_tokens"], kwargs["min_new_tokens"]))
-        return generate(**kwargs)
+        out = generate(**kwargs)
+        calls.append((kwargs["max_new_tokens"], out.shape[1] - inputs["input_ids"].shape[1],
+                      len(kwargs["logits_processor"][0].stamps)))
+        return out
 
     model.generate = counted
-    assert measure_decode(model, inputs, new_tokens=4, repeats=2) > 0
-    assert calls == [(4, 4), (4, 4), (1, 1), (4, 4), (1, 1)]
+    per_token = measure_decode(model, inputs, new_tokens=4, repeats=2)
+    # A warm-up and two timed runs, each of exactly 4 new tokens and 4 stamps (3 decode steps).
+    assert calls == [(4, 4, 4)] * 3
+    assert per_token > 0
     with pytest.raises(ValueError, match="at least 2"):
         measure_decode(model, inputs, new_tokens=1)
