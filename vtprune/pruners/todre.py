@@ -235,10 +235,9 @@ class ToDREPruner(Pruner):
         queries = key_is_text | key_is_visual
         # (B, Q) query positions: each sample's T and V rows, padded with position 0 (neither T nor V).
         count = queries.sum(1)
-        # Every position as a candidate query row (padded with position 0): no sync to size the probe.
-        width = length
-        order = torch.argsort(queries.to(torch.int8), dim=1, descending=True, stable=True)[:, :width]
-        valid = torch.arange(width, device=device)[None] < count[:, None]
+        # One query row per position, T and V first (no sync to size the probe); the rest are padding.
+        order = torch.argsort(queries.to(torch.int8), dim=1, descending=True, stable=True)
+        valid = torch.arange(length, device=device)[None] < count[:, None]
         query_positions = torch.where(valid, order, torch.zeros_like(order))
         rows = ctx.attention_rows(query_positions)
         query_is_text = key_is_text.gather(1, query_positions) & valid
