@@ -31,18 +31,13 @@ def parse_spec(spec: str) -> tuple[str, dict]:
     for ablations."""
     if "[" not in spec:
         return spec, {}
+    from vtprune.config import option_value
+
     name, _, rest = spec.partition("[")
     options = {}
     for item in rest.rstrip("]").split(","):
         key, _, value = item.partition("=")
-        lowered = value.strip().lower()
-        if lowered in ("true", "false"):
-            options[key.strip()] = lowered == "true"
-        else:
-            try:
-                options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else float(value)
-            except ValueError:
-                options[key.strip()] = value.strip()
+        options[key.strip()] = option_value(value.strip())
     return name, options
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 import vtprune
-from vtprune.config import BUDGETS
+from vtprune.config import BUDGETS, option_value
 from vtprune.training import CURRICULA, TrainConfig
 
 # The recipe's defaults are TrainConfig's; the flags below only override them.
@@ -104,10 +104,7 @@ def parse_option(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"--option takes KEY=VALUE (e.g. where=llm:2), got {text!r}.")
     key, value = text.split("=", 1)
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+    return key, option_value(value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,15 @@ def parse_where(where: str) -> tuple[str, int]:
     return match.group(1), 0
 
 
+def option_value(text: str) -> Any:
+    """A method option typed on a command line: JSON where it reads as JSON ("0", "0.25", "false", "[1, 2]"), else the
+    text itself ("kcenter", "llm:2")."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 @dataclass(frozen=True)
 class PrunerConfig:
     """Options every method shares. Subclasses add their own fields, each typed and documented.
