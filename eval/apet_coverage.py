@@ -24,9 +24,9 @@ from vtprune.pruners.apet import farthest_point_sampling, reconstruction_errors
 SETTINGS = (("uniform", {}), ("apet[merge=false,inject=false]", {"merge": False, "inject": False}), ("apet", {}))
 
 
-def foreground(scenes: list[synth.Scene], tokens: int) -> torch.Tensor:
+def foreground(spec: reference.FamilySpec, scenes: list[synth.Scene], tokens: int) -> torch.Tensor:
     side = math.isqrt(tokens)
-    return accuracy.token_saliency(scenes, side, "cpu") > 0.1
+    return accuracy.token_coverage(spec, scenes, side, "cpu")[0] > 0.1
 
 
 def measure(family: str, category: str, items: int, keeps: tuple[float, ...]) -> dict:
@@ -42,7 +42,7 @@ def measure(family: str, category: str, items: int, keeps: tuple[float, ...]) ->
         model(**inputs)
     hook.remove()
     x = captured[0].float().reshape(len(batch), -1, captured[0].shape[-1])
-    fg = foreground(scenes, x.shape[1])
+    fg = foreground(spec, scenes, x.shape[1])
     # ApET's defaults: basis of 10 by farthest-point sampling from the largest-norm token, ridge 1e-5.
     basis_index = farthest_point_sampling(x, 10, x.norm(dim=-1).argmax(1))
     basis = x.gather(1, basis_index[..., None].expand(-1, -1, x.shape[-1]))

@@ -7,21 +7,29 @@ Three real transformers architectures, small enough for git and CPU CI, trained 
   attention, 3-D M-RoPE, images and 8-frame videos;
 - ``internvl``: ``InternVLForConditionalGeneration``, 448 px, pixel shuffle, 256 tokens per tile.
 
+Two yardstick versions (``FamilySpec.version``; a checkpoint records its own in ``config.vtprune_yardstick``):
+- version 1 (the shipped checkpoints): ``vtprune.eval.synth``, 4-layer LLMs, the question before the visual tokens:
+  ``USER: {question} <image> ASSISTANT:``;
+- version 2 (issue "Yardstick v2"): ``vtprune.eval.synth_v2``, 12-layer LLMs (so the 32-layer schedules of every
+  method map to distinct layers), a trained vision feature layer with a CLS / global head, and the prompt laid out as
+  the real families do: ``<s> USER: <image> {question} ASSISTANT:``.
+In-context prompts: ``USER: <image> label {a1} <image> label {a2} <image> label ? ASSISTANT:``.
+
 ``encode`` builds model inputs straight from synth items on any device (the fast path the trainer and the evaluator
 use); ``tests/test_reference.py`` checks that the saved processor (``AutoProcessor.from_pretrained``) produces the
-same inputs for images. Prompts put the question before the visual tokens: ``USER: {question} <image> ASSISTANT:``
-(in-context: ``USER: <image> label {a1} <image> label {a2} <image> label ? ASSISTANT:``).
+same inputs for images.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from vtprune.eval import synth
+from vtprune.eval import synth, synth_v2
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -38,7 +46,16 @@ class FamilySpec:
     categories: tuple[str, ...]
     specials: tuple[str, ...]  # family placeholder tokens, after BASE_SPECIALS
     video_size: int = 0
+    version: int = 1  # yardstick version: 1 = synth, 4-layer LLMs; 2 = synth_v2, 12-layer LLMs
 
+    @property
+    def task(self) -> ModuleType:
+        """The synth module of this yardstick version (same interface in both)."""
+        return synth if self.version == 1 else synth_v2
+
+
+VERSIONS = (1, 2)
+CONFIG_KEY = "vtprune_yardstick"  # config attribute that records a checkpoint's yardstick version
 
 FAMILIES = {
     "llava": FamilySpec("llava", "LlavaForConditionalGeneration", 336,
@@ -51,14 +68,32 @@ FAMILIES = {
 }
 
 
-def get_family(name: str) -> FamilySpec:
-    if name not in FAMILIES:
-        raise ValueError(f"Unknown reference family '{name}'. Families: {list(FAMILIES)}.")
-    return FAMILIES[name]
+
+def _v2(spec: FamilySpec) -> FamilySpec:
+    task = synth_v2
+    video = task.VIDEO_CATEGORIES if spec.video_size else ()
+    return replace(spec, version=2, categories=task.IMAGE_CATEGORIES + task.MULTI_CATEGORIES + video)
+
+
+FAMILIES_V2 = {name: _v2(spec) for name, spec in FAMILIES.items()}
+
+
+def get_family(name: str, version: int = 1) -> FamilySpec:
+    if version not in VERSIONS:
+        raise ValueError(f"Unknown yardstick version {version!r}. Versions: {list(VERSIONS)}.")
+    families = FAMILIES if version == 1 else FAMILIES_V2
+    if name not in families:
+        raise ValueError(f"Unknown reference family '{name}'. Families: {list(families)}.")
+    return families[name]
+
+
+def spec_for(config: Any) -> FamilySpec:
+    """The family spec of a loaded reference checkpoint (its model_type and recorded yardstick version)."""
+    return get_family(config.model_type, getattr(config, CONFIG_KEY, 1))
 
 
 def vocab(spec: FamilySpec) -> dict[str, int]:
-    words = BASE_SPECIALS + list(spec.specials) + synth.vocabulary()
+    words = BASE_SPECIALS + list(spec.specials) + spec.task.vocabulary()
     return {w: i for i, w in enumerate(dict.fromkeys(words))}
 
 
@@ -83,13 +118,20 @@ def build_tokenizer(spec: FamilySpec) -> Any:
 
 
 def build_config(spec: FamilySpec) -> Any:
-    """The model config of a reference family (about 4.5M parameters; stored in fp16, under 10 MB)."""
+    """The model config of a reference family. Version 1: about 4.6M parameters (4 x 256 LLM). Version 2: about
+    7M (12 x 192 LLM, GQA 4/2, head dim 48), under 16 MB in fp16, so that the 32-layer schedules of the methods
+    (2; 2/6/10/14; 8/16/24; L/3, 2L/3; 7L/8; 6) scale to distinct layers."""
     import transformers
 
     ids = vocab(spec)
-    text = dict(vocab_size=len(ids), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0,
-                bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    deep = spec.version == 2
+    text = dict(vocab_size=len(ids), hidden_size=192 if deep else 256, intermediate_size=512,
+                num_hidden_layers=12 if deep else 4, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                tie_word_embeddings=True)
+    # Qwen's M-RoPE sections split head_dim / 2 rotary pairs over (t, h, w): 8/12/12 of 32 at head dim 64, the
+    # same proportions (1/4, 3/8, 3/8 as Qwen2.5-VL's 16/24/24) at head dim 48.
+    mrope = [6, 9, 9] if deep else [8, 12, 12]
     if spec.name == "llava":
         vision = transformers.CLIPVisionConfig(hidden_size=192, intermediate_size=768, num_hidden_layers=4,
                                                num_attention_heads=3, image_size=336, patch_size=14)
@@ -100,10 +142,11 @@ def build_config(spec: FamilySpec) -> Any:
     elif spec.name == "qwen2_5_vl":
         config = transformers.Qwen2_5_VLConfig(
             text_config=dict(**text, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                      "mrope_section": [8, 12, 12]}),
-            vision_config=dict(depth=3, hidden_size=192, intermediate_size=512, num_heads=3, out_hidden_size=256,
-                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=168,
-                               fullatt_block_indexes=[2], in_channels=3),
+                                                      "mrope_section": mrope}),
+            vision_config=dict(depth=4 if deep else 3, hidden_size=192, intermediate_size=512, num_heads=3,
+                               out_hidden_size=text["hidden_size"], patch_size=14, spatial_merge_size=2,
+                               temporal_patch_size=2, window_size=168,
+                               fullatt_block_indexes=[1, 3] if deep else [2], in_channels=3),
             image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
             tie_word_embeddings=True,
@@ -115,6 +158,8 @@ def build_config(spec: FamilySpec) -> Any:
             text_config=dict(model_type="qwen2", **text), image_token_id=ids["<IMG_CONTEXT>"],
             image_seq_length=256, downsample_ratio=0.5, vision_feature_layer=-1, tie_word_embeddings=True,
         )
+    if deep:
+        setattr(config, CONFIG_KEY, spec.version)
     return config
 
 
@@ -148,13 +193,16 @@ def build_processor(spec: FamilySpec, tokenizer: Any) -> Any:
 # ------------------------------------------------------------------------------------------------------- encoding
 def prompt_words(spec: FamilySpec, item: synth.Item) -> list[str]:
     """The prompt as vocabulary words, with one ``<V>`` marker per image or video."""
+    start = ["<s>", "USER:"] if spec.version == 2 else ["USER:"]
     if item.kind == "multi":
-        words = ["USER:"]
+        words = list(start)
         for answer in item.demo_answers:
             words += ["<V>", "label", answer]
         words += ["<V>", "label", "?", "ASSISTANT:"]
         return words
-    return ["USER:"] + item.question.split() + ["<V>", "ASSISTANT:"]
+    if spec.version == 2:  # BOS, image, question: as LLaVA's / Qwen's / InternVL's chat templates
+        return start + ["<V>"] + item.question.split() + ["ASSISTANT:"]
+    return start + item.question.split() + ["<V>", "ASSISTANT:"]
 
 
 def prompt_text(spec: FamilySpec, item: synth.Item) -> str:
@@ -226,18 +274,18 @@ def encode(spec: FamilySpec, items: list[synth.Item], device: torch.device | str
         labels[:, -2:] = input_ids[:, -2:]
         batch["labels"] = labels.to(device)
 
+    render = spec.task.render
     if spec.name == "llava" and pixels:
-        batch["pixel_values"] = _normalise(synth.render(pixels, spec.image_size, device), CLIP_MEAN, CLIP_STD)
+        batch["pixel_values"] = _normalise(render(pixels, spec.image_size, device), CLIP_MEAN, CLIP_STD)
     elif spec.name == "internvl" and pixels:
-        batch["pixel_values"] = _normalise(synth.render(pixels, spec.image_size, device), IMAGENET_MEAN,
-                                           IMAGENET_STD)
+        batch["pixel_values"] = _normalise(render(pixels, spec.image_size, device), IMAGENET_MEAN, IMAGENET_STD)
     elif spec.name == "qwen2_5_vl":
         if pixels:
-            images = _normalise(synth.render(pixels, spec.image_size, device), CLIP_MEAN, CLIP_STD)
+            images = _normalise(render(pixels, spec.image_size, device), CLIP_MEAN, CLIP_STD)
             batch["pixel_values"] = torch.cat([_qwen_patches(img[None].expand(2, -1, -1, -1)) for img in images])
             batch["image_grid_thw"] = torch.tensor(image_grids, device=device)
         if videos:
-            frames = [_normalise(synth.render(v, spec.video_size, device), CLIP_MEAN, CLIP_STD) for v in videos]
+            frames = [_normalise(render(v, spec.video_size, device), CLIP_MEAN, CLIP_STD) for v in videos]
             batch["pixel_values_videos"] = torch.cat([_qwen_patches(f) for f in frames])
             batch["video_grid_thw"] = torch.tensor(video_grids, device=device)
         token_type = torch.zeros_like(input_ids)
@@ -250,7 +298,7 @@ def encode(spec: FamilySpec, items: list[synth.Item], device: torch.device | str
 def answer_ids(spec: FamilySpec) -> Tensor:
     """Token ids of every possible answer word (greedy decoding restricted to nothing: used for diagnostics)."""
     ids = vocab(spec)
-    return torch.tensor(sorted({ids[w] for w in synth.vocabulary() if w in ids}))
+    return torch.tensor(sorted({ids[w] for w in spec.task.vocabulary() if w in ids}))
 
 
 def decode_answers(spec: FamilySpec, token_ids: Tensor) -> list[str]:

@@ -1,129 +1,186 @@
-"""One GPU call that trains every reference family in parallel, then measures the yardstick table.
+"""Train the yardstick-v2 reference checkpoints of every family on one GPU, then measure their table and gates.
 
-    python -m vtprune.eval.reference_job --minutes 6.5 --out "$OUT"
+    python -m vtprune.eval.reference_job --minutes 7 --plan-minutes 15 --eval none --out "$OUT"          # part 1
+    python -m vtprune.eval.reference_job --minutes 8 --plan-minutes 15 --resume parts --eval none --out "$OUT"
+    python -m vtprune.eval.reference_job --minutes 0 --resume checkpoints/v2 --limit 1000 --out "$OUT"  # eval only
 
-Each family trains in its own process (tiny models leave most of one GPU idle, so three share it), saves its
-checkpoint, then evaluates on the full test split: unpruned, blind (every visual token masked), the pixel-saliency
-oracle at keep 0.11, and ``random`` / ``uniform`` at keep 0.11 / 0.22 / 0.33 where vtprune has an adapter for the
-family. Checkpoints come back as one tar per family (the device tool returns at most 8 files).
+The families train side by side in worker processes (tiny models leave most of one GPU idle), each saving its
+checkpoint (weights, heads and ``train_state.json``, so a later call resumes it); then each evaluates on ``test``
+and ``test_shift``: unpruned, blind (every visual token masked), the object oracle and the question-aware oracle at
+keep 0.11, the CLS-attention top-k (towers with a CLS), and ``random`` / ``uniform`` at keep 0.11 / 0.22 / 0.33,
+plus the share of the top-11% CLS-attention tokens on objects; ``accuracy.gates`` turns that into the gates.
+Checkpoints come back as one tar per family (the device tool returns at most 8 files).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+import multiprocessing
 import tarfile
 import time
 import traceback
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
 from pathlib import Path
 
 KEEPS = (0.11, 0.22, 0.33)
+SPLITS = ("test", "test_shift")
+FAMILIES = ("llava", "qwen2_5_vl", "internvl")
 
 
-def evaluate_family(family: str, checkpoint: Path, limit: int | None) -> dict:
+def evaluate_family(family: str, checkpoint: Path, limit: int | None, splits: tuple[str, ...] = SPLITS,
+                    keeps: tuple[float, ...] = KEEPS, batch_size: int = 64,
+                    categories: tuple[str, ...] | None = None) -> dict:
+    """Every yardstick row of one checkpoint on each split, the CLS share and the gates (on ``test``; a gate whose
+    categories were left out by ``categories`` reads "not measured")."""
     import torch
     import transformers
 
-    import vtprune
     from vtprune.eval import accuracy, reference
 
-    spec = reference.get_family(family)
-    model_cls = getattr(transformers, spec.model_class)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = model_cls.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
-    categories = list(spec.categories)
-    results: dict = {}
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    spec = reference.spec_for(config)
+    model = getattr(transformers, spec.model_class).from_pretrained(checkpoint, dtype=torch.float32)
+    model = model.to(device).eval()
+    out: dict = {"version": spec.version}
+    for split in splits:
+        out[split] = measure_split(model, spec, split, limit, keeps, batch_size, categories)
+    if "test" in out and spec.name in ("llava", "internvl"):
+        image = [c for c in spec.task.IMAGE_CATEGORIES if categories is None or c in categories]
+        items = [it for c in image for it in spec.task.split_items("test", c, limit or 200)]
+        out["cls_share"] = accuracy.cls_on_objects(model, spec, items)
+    if "test" in out:
+        out["gates"] = [{**asdict(g), "passed": g.passed}
+                        for g in accuracy.gates(spec, out["test"], out.get("cls_share"))]
+    return out
 
-    def run(name: str, **kwargs) -> None:
+
+def measure_split(model, spec, split: str, limit: int | None, keeps: tuple[float, ...], batch_size: int,
+                  categories: tuple[str, ...] | None = None) -> dict:
+    """The yardstick rows of one split: unpruned, blind, both oracles, CLS top-k, random and uniform."""
+    import vtprune
+    from vtprune.eval import accuracy
+
+    categories = list(categories or spec.categories)
+    runs: dict = {}
+
+    def run(name: str, install=None, **kwargs) -> None:
         started = time.time()
+        handle = None
         try:
-            results[name] = accuracy.evaluate(model, spec, categories, limit=limit, batch_size=64, progress=False,
-                                              **kwargs)
-        except Exception:  # one failing configuration must not lose the others of a paid GPU call
-            results[name] = {"error": traceback.format_exc(limit=4)}
-        results[name + ".seconds"] = round(time.time() - started, 1)
-        print(family, name, {c: round(v["accuracy"], 3) for c, v in results[name].items() if isinstance(v, dict)},
-              flush=True)
+            handle = install() if install is not None else None
+            runs[name] = accuracy.evaluate(model, spec, categories, split=split, limit=limit, batch_size=batch_size,
+                                           progress=False, **kwargs)
+        except Exception:  # one failing row must not lose the others of a paid GPU call
+            runs[name] = {"error": traceback.format_exc(limit=4)}
+        finally:
+            if handle is not None:
+                handle.remove()
+            if vtprune.is_wrapped(model):
+                vtprune.unwrap(model)
+        runs[name + ".seconds"] = round(time.time() - started, 1)
+        print(spec.name, split, name, {c: round(v["accuracy"], 3) for c, v in runs[name].items()
+                                       if isinstance(v, dict)}, flush=True)
 
     run("unpruned")
     run("blind", blind=True)
-    if family in vtprune.list_models():
-        try:
-            adapter, oracle = accuracy.install_oracle(model, spec, 0.11)
-            run("oracle@0.11", before=oracle.prepare)
-            adapter.remove()
-        except Exception:
-            results["oracle@0.11"] = {"error": traceback.format_exc(limit=4)}
-        for method in ("random", "uniform"):
-            for keep in KEEPS:
-                vtprune.wrap(model, method, keep=keep)
-                run(f"{method}@{keep}")
-                vtprune.unwrap(model)
-    else:
-        results["note"] = f"no vtprune adapter for {family} yet: pruned rows not measured"
-    return results
+    for aware in (False, True):
+        oracle: list = []
+
+        def install_oracle(aware=aware, oracle=oracle):
+            adapter, pruner = accuracy.install_oracle(model, spec, 0.11, question_aware=aware)
+            oracle.append(pruner)
+            return adapter
+
+        run("oracle-q@0.11" if aware else "oracle@0.11", install_oracle,
+            before=lambda items, oracle=oracle: oracle[0].prepare(items))
+    if spec.name in ("llava", "internvl"):
+        run("cls@0.11", lambda: accuracy.install_eval_pruner(
+            model, accuracy.ClsTop(accuracy.ClsTopConfig(keep=0.11)))[0])
+    for method in ("random", "uniform"):
+        for keep in keeps:
+            run(f"{method}@{keep}", lambda method=method, keep=keep: _Wrapped(model, method, keep))
+    return runs
 
 
-def child(family: str, minutes: float, work: Path, limit: int | None, resume: Path | None) -> int:
+class _Wrapped:
+    """``vtprune.wrap`` for one row, with the ``remove()`` the row runner calls."""
+
+    def __init__(self, model, method: str, keep: float) -> None:
+        import vtprune
+
+        self.model = vtprune.wrap(model, method, keep=keep)
+
+    def remove(self) -> None:
+        import vtprune
+
+        vtprune.unwrap(self.model)
+
+
+def run_family(family: str, minutes: float, plan_minutes: float | None, work: Path, resume: Path | None,
+               evaluate: bool, limit: int | None) -> dict:
+    """One worker: train (or continue) one family for ``minutes``, then evaluate it unless told not to."""
+    import torch
+
     from vtprune.eval.train_reference import TrainConfig, train
 
+    torch.set_num_threads(4)  # the workers share the host's cores
     checkpoint = work / family
     start = resume / family if resume is not None else None
-    if minutes > 0:
-        notes = train(TrainConfig(family=family, minutes=minutes), checkpoint, start)
-    else:  # evaluation only, of the checkpoint given by --resume
-        checkpoint = start
-        notes = json.loads((checkpoint / "training.json").read_text())
-    results = {"family": family, "training": {k: v for k, v in notes.items() if k != "log"}, "log": notes["log"]}
-    results["accuracy"] = evaluate_family(family, checkpoint, limit)
-    (work / f"{family}.json").write_text(json.dumps(results, indent=2) + "\n")
-    return 0
+    result: dict = {"family": family}
+    try:
+        if minutes > 0:
+            notes = train(TrainConfig(family=family, minutes=minutes, plan_minutes=plan_minutes), checkpoint, start)
+        else:  # evaluation only, of the checkpoint given by --resume
+            checkpoint = start
+            notes = json.loads((checkpoint / "training.json").read_text())
+        result["training"] = {k: v for k, v in notes.items() if k != "log"}
+        result["log"] = notes.get("log", [])
+        if evaluate:
+            result["accuracy"] = evaluate_family(family, checkpoint, limit)
+    except Exception:
+        result["error"] = traceback.format_exc(limit=6)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=6.5, help="training minutes; 0 evaluates --resume only")
+    parser.add_argument("--minutes", type=float, default=7.0, help="training minutes; 0 evaluates --resume only")
+    parser.add_argument("--plan-minutes", type=float, help="the whole run's training minutes over all parts")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--families", default="llava,qwen2_5_vl,internvl")
-    parser.add_argument("--limit", type=int, help="items per category (default: the whole test split)")
-    parser.add_argument("--resume", type=Path, help="folder with one checkpoint per family to continue training")
-    parser.add_argument("--family", help=argparse.SUPPRESS)
-    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--limit", type=int, default=1000, help="items per category of each split")
+    parser.add_argument("--eval", choices=("all", "none"), default="all")
+    parser.add_argument("--resume", type=Path, help="folder with one checkpoint per family to continue or evaluate")
     args = parser.parse_args(argv)
-    if args.family:
-        return child(args.family, args.minutes, args.work, args.limit, args.resume)
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        parser.error(f"unknown families {unknown}; choose from {list(FAMILIES)}.")
+    if args.minutes == 0 and args.resume is None:
+        parser.error("--minutes 0 evaluates existing checkpoints: give them with --resume DIR.")
 
     work = Path("/tmp/vtprune-reference")
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    procs = {}
-    for family in args.families.split(","):
-        cmd = [sys.executable, "-m", "vtprune.eval.reference_job", "--family", family, "--minutes",
-               str(args.minutes), "--work", str(work), "--out", str(args.out)]
-        if args.limit:
-            cmd += ["--limit", str(args.limit)]
-        if args.resume:
-            cmd += ["--resume", str(args.resume.resolve())]
-        log = open(args.out / f"{family}.log", "w")  # noqa: SIM115 - closed after the child ends
-        procs[family] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log)
-    status = {}
-    for family, (proc, log) in procs.items():
-        status[family] = proc.wait()
-        log.close()
-    merged = {"status": status}
-    for family in procs:
-        result = work / f"{family}.json"
-        if result.exists():
-            merged[family] = json.loads(result.read_text())
+    resume = args.resume.resolve() if args.resume else None
+    # CUDA cannot be forked into workers: each starts a fresh interpreter.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=len(families), mp_context=context) as pool:
+        futures = {f: pool.submit(run_family, f, args.minutes, args.plan_minutes, work, resume,
+                                  args.eval == "all", args.limit) for f in families}
+        merged = {"families": {f: future.result() for f, future in futures.items()}}
+    for family in families:
         checkpoint = work / family
         if checkpoint.exists() and args.minutes > 0:
             with tarfile.open(args.out / f"{family}.tar", "w") as tar:
                 tar.add(checkpoint, arcname=family)
     (args.out / "reference.json").write_text(json.dumps(merged, indent=2) + "\n")
-    print(json.dumps(status))
-    return 0 if all(code == 0 for code in status.values()) else 1
+    failed = [f for f, r in merged["families"].items() if "error" in r]
+    print(json.dumps({"failed": failed}))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -10,18 +10,19 @@ import argparse
 import json
 from pathlib import Path
 
-from vtprune.eval import synth
-from vtprune.eval.accuracy import CHANCE, image_average
+from vtprune.eval import reference
+from vtprune.eval.accuracy import IMAGE_CATEGORIES, chance, image_average
 
-ROWS = ("unpruned", "blind", "oracle@0.11", "random@0.11", "uniform@0.11", "random@0.22", "uniform@0.22",
-        "random@0.33", "uniform@0.33")
+ROWS = ("unpruned", "blind", "oracle@0.11", "oracle-q@0.11", "cls@0.11", "random@0.11", "uniform@0.11",
+        "random@0.22", "uniform@0.22", "random@0.33", "uniform@0.33")
 
 
-def family_table(family: str, accuracy: dict) -> str:
-    categories = [c for c in synth.CATEGORIES if c in accuracy.get("unpruned", {})]
+def family_table(family: str, accuracy: dict, version: int = 1, split: str = "test") -> str:
+    spec = reference.get_family(family, version)
+    categories = [c for c in spec.task.CATEGORIES if c in accuracy.get("unpruned", {})]
     header = ["run"] + categories + ["image avg", "all avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    lines.append("| chance | " + " | ".join(f"{100 * CHANCE[c]:.0f}" for c in categories) + " | | |")
+    lines.append("| chance | " + " | ".join(f"{100 * chance(spec)[c]:.0f}" for c in categories) + " | | |")
     for row in ROWS:
         result = accuracy.get(row)
         if not isinstance(result, dict) or "error" in result or not result:
@@ -31,13 +32,23 @@ def family_table(family: str, accuracy: dict) -> str:
         all_avg = sum(result[c]["accuracy"] for c in categories) / len(categories)
         lines.append(f"| {row} | " + " | ".join(cells) + f" | {100 * image_avg:.1f} | {100 * all_avg:.1f} |")
     n = accuracy["unpruned"][categories[0]]["n"]
-    return f"**{family}** ({n} test items per category)\n\n" + "\n".join(lines)
+    return f"**{family}** ({n} {split} items per category)\n\n" + "\n".join(lines)
+
+
+def gate_table(family: str, gates: list[dict]) -> str:
+    """The yardstick's gates of one family: requirement, measured number, verdict (a gate never measured says so)."""
+    lines = [f"**{family}** gates (test split)\n", "| gate | required | measured | |", "| --- | --- | --- | --- |"]
+    for gate in gates:
+        measured = "not measured" if gate["measured"] is None else f"{100 * gate['measured']:.1f}"
+        verdict = {True: "met", False: "**missed**", None: "not measured"}[gate["passed"]]
+        lines.append(f"| {gate['name']} | {gate['kind']} {100 * gate['threshold']:.0f} | {measured} | {verdict} |")
+    return "\n".join(lines)
 
 
 def pruner_table(family: str, accuracy: dict, keeps: tuple[float, ...] = (0.11, 0.22, 0.33)) -> str:
     """Image-average accuracy per method, keep and budget, with the share of the unpruned model's it keeps."""
     base = accuracy["unpruned"]
-    image = [c for c in synth.IMAGE_CATEGORIES if c in base]
+    image = [c for c in IMAGE_CATEGORIES if c in base]
     base_avg = image_average(base)
     methods = sorted({name.split("@")[0] for name in accuracy if "@" in name and not name.endswith(".seconds")})
     header = ["method", "budget"] + [f"keep {k}" for k in keeps]
@@ -76,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     data = json.loads(args.results.read_text())
     for family, entry in data["families"].items():
         accuracy = entry["accuracy"]
+        if accuracy.get("version") == 2:  # yardstick v2: one table per split, then the gates
+            for split in ("test", "test_shift"):
+                if split in accuracy:
+                    print(family_table(family, accuracy[split], 2, split) + "\n")
+            if "gates" in accuracy:
+                print(gate_table(family, accuracy["gates"]) + "\n")
+            continue
         pruners = any(name.endswith(("/input", "/average")) for name in accuracy)
         print((pruner_table(family, accuracy) if pruners else family_table(family, accuracy)) + "\n")
     return 0

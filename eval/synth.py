@@ -309,9 +309,7 @@ def _render(scenes: list[Scene], height: int, width: int, device, sample_centres
     image = background[:, :, None, None].expand(n, 3, height, width).clone()
     texture = torch.tensor([s.texture for s in scenes], device=device)
     clutter = torch.tensor([s.cluttered for s in scenes], device=device, dtype=torch.float32)
-    wave = torch.sin(texture[:, 0, None, None] * (x * torch.cos(texture[:, 1, None, None]) + y * torch.sin(
-        texture[:, 1, None, None])) + texture[:, 2, None, None])
-    image = image + (0.08 * clutter[:, None, None, None] * wave[:, None])
+    image = image + (0.08 * clutter[:, None, None, None] * grating(texture, x, y)[:, None])
     max_specks = max((len(s.specks) for s in scenes), default=0)
     if max_specks:
         specks = torch.full((n, max_specks, 2), -10.0, device=device)
@@ -332,32 +330,15 @@ def _render(scenes: list[Scene], height: int, width: int, device, sample_centres
         params = _object_params(scenes, k, device)
         shape, colour = params[:, 0].long(), params[:, 1].long()
         cx, cy, r = (params[:, j, None, None] for j in (2, 3, 4))
-        dx, dy = x - cx, y - cy
-        inside = torch.stack(
-            (
-                dx**2 + dy**2 <= r**2,
-                (dx.abs() <= 0.85 * r) & (dy.abs() <= 0.85 * r),
-                (dy >= -r) & (dy <= 0.8 * r) & (dx.abs() <= (dy + r) * 0.58),
-                ((dx.abs() <= r / 3) & (dy.abs() <= r)) | ((dy.abs() <= r / 3) & (dx.abs() <= r)),
-            ),
-            dim=1,
-        )  # (N, 4, H, W)
-        mask = inside.gather(1, shape.clamp(min=0)[:, None, None, None].expand(n, 1, height, width))[:, 0]
-        mask = mask & (shape >= 0)[:, None, None]
+        mask = shape_mask(shape, x - cx, y - cy, r)
         image = torch.where(mask[:, None], palette[colour][:, :, None, None], image)
         colour_label = torch.where(mask, colour[:, None, None] + 1, colour_label)
         shape_label = torch.where(mask, shape[:, None, None] + 1, shape_label)
 
     glyphs = torch.tensor([s.glyph for s in scenes], device=device)
     if bool((glyphs >= 0).any()):
-        font = torch.tensor([[[int(c) for c in row] for row in FONT[ch]] for ch in CHARS], device=device,
-                            dtype=torch.bool)  # (C, 7, 5)
         gxy = torch.tensor([s.glyph_xy for s in scenes], device=device)
-        cell = 1 / 84  # 4 px at 336: a glyph spans about 2 x 2 patches of 14 px
-        col = torch.floor((x - gxy[:, 0, None, None]) / cell + 2.5).long()
-        row = torch.floor((y - gxy[:, 1, None, None]) / cell + 3.5).long()
-        in_box = (col >= 0) & (col < 5) & (row >= 0) & (row < 7) & (glyphs >= 0)[:, None, None]
-        lit = font[glyphs.clamp(min=0)[:, None, None], row.clamp(0, 6), col.clamp(0, 4)] & in_box
+        in_box, lit = glyph_mask(font_bitmaps(device), glyphs, x - gxy[:, 0, None, None], y - gxy[:, 1, None, None])
         image = torch.where(lit[:, None], torch.zeros_like(image) + 0.05, image)
         shape_label = torch.where(in_box, len(SHAPES) + 1, shape_label)
         char_label = torch.where(in_box, glyphs[:, None, None] + 1, char_label)
@@ -375,3 +356,46 @@ def _object_params(scenes: list[Scene], k: int, device) -> Tensor:
         else:
             rows.append([-1, 0, -10.0, -10.0, 0.0])
     return torch.tensor(rows, device=device, dtype=torch.float32)
+
+
+# The drawing primitives below are shared with ``synth_v2`` (the same shapes, font and grating in both versions).
+GLYPH_CELL = 1 / 84  # side of a font pixel: 4 px at 336, so a 5x7 glyph spans about 2 x 2 patches of 14 px
+
+
+def shape_mask(shape: Tensor, dx: Tensor, dy: Tensor, r: Tensor) -> Tensor:
+    """(N, H, W) pixels inside each scene's object: ``shape`` (N,) indices into SHAPES (-1 = no object), ``dx``,
+    ``dy`` (N, H, W) offsets of the pixels from the object's centre, ``r`` (N, 1, 1) its half size."""
+    n, height, width = dx.shape
+    inside = torch.stack(
+        (
+            dx**2 + dy**2 <= r**2,
+            (dx.abs() <= 0.85 * r) & (dy.abs() <= 0.85 * r),
+            (dy >= -r) & (dy <= 0.8 * r) & (dx.abs() <= (dy + r) * 0.58),
+            ((dx.abs() <= r / 3) & (dy.abs() <= r)) | ((dy.abs() <= r / 3) & (dx.abs() <= r)),
+        ),
+        dim=1,
+    )  # (N, 4, H, W)
+    mask = inside.gather(1, shape.clamp(min=0)[:, None, None, None].expand(n, 1, height, width))[:, 0]
+    return mask & (shape >= 0)[:, None, None]
+
+
+def font_bitmaps(device: torch.device | str) -> Tensor:
+    """(len(CHARS), 7, 5) bool bitmaps of the font."""
+    return torch.tensor([[[int(c) for c in row] for row in FONT[ch]] for ch in CHARS], device=device,
+                        dtype=torch.bool)
+
+
+def glyph_mask(font: Tensor, glyphs: Tensor, dx: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, H, W) masks of each scene's glyph box and of its lit font pixels: ``glyphs`` (N,) indices into CHARS
+    (-1 = none), ``dx``, ``dy`` (N, H, W) offsets of the pixels from the glyph's centre."""
+    col = torch.floor(dx / GLYPH_CELL + 2.5).long()
+    row = torch.floor(dy / GLYPH_CELL + 3.5).long()
+    in_box = (col >= 0) & (col < 5) & (row >= 0) & (row < 7) & (glyphs >= 0)[:, None, None]
+    lit = font[glyphs.clamp(min=0)[:, None, None], row.clamp(0, 6), col.clamp(0, 4)] & in_box
+    return in_box, lit
+
+
+def grating(texture: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """(N, H, W) sinusoid in [-1, 1]: ``texture`` (N, 3) frequency, angle, phase; ``x``, ``y`` (1, H, W)."""
+    return torch.sin(texture[:, 0, None, None] * (x * torch.cos(texture[:, 1, None, None]) + y * torch.sin(
+        texture[:, 1, None, None])) + texture[:, 2, None, None])

@@ -1,16 +1,29 @@
-"""Train a reference checkpoint of one family on the synth set (run on the lent GPU; see eval/results/TRAINING.md).
+"""Train a reference checkpoint of one family on the yardstick (run on the lent GPU; see eval/results/TRAINING.md).
 
-    python -m vtprune.eval.train_reference --family llava --minutes 8 --out checkpoints/llava
+    python -m vtprune.eval.train_reference --family llava --minutes 15 --out checkpoints/v2/llava
+    python -m vtprune.eval.train_reference --family llava --minutes 7 --out part1 --plan-minutes 15
+    python -m vtprune.eval.train_reference --family llava --minutes 8 --out part2 --resume part1
 
-Recipe (what made the yardstick discriminate in the first experiments; see issue 4):
-1. dense vision pre-training: linear heads on the visual features the LLM consumes predict, for every patch, the
-   colour, shape and glyph under it (targets the generator knows). Without it a tiny VLM learns answer priors only;
-2. VQA: the whole model on single-word answers (loss on the answer and the end-of-sequence token), the vision side
-   at ``vision_lr_scale`` of the learning rate, categories in round-robin, answers balanced per category.
+Recipe of yardstick version 2 (issue "Yardstick v2"; version 1 was trained by the same file at commit 7f81b25):
+1. **dense vision pre-training**: linear heads on the visual features the LLM consumes predict, for every patch,
+   the colour, shape and glyph under it (targets the generator knows), with object and glyph patches weighted
+   ``object_weight`` times the background (which otherwise dominates the loss and hides weak shape features); a
+   **global head** on the vision tower's CLS token (CLIP, InternViT) at the feature layer and at the last layer
+   predicts which colour x shape pairs, tag colours and characters are in the image and how many objects, so the
+   layers above the feature layer are trained and the CLS attention that ToDRE / VisionZip / MustDrop read lands
+   on the objects. The phase ends when the running shape accuracy on object patches reaches ``shape_gate`` and the
+   glyph accuracy on glyph patches ``glyph_gate``, or after ``dense_fraction`` of the planned time;
+2. **VQA**: the whole model on single-word answers (loss on the answer and the end-of-sequence token), the vision
+   side at ``vision_lr_scale`` of the learning rate, categories mixed inside every batch, answers balanced per
+   category; the global head keeps training at ``global_weight_vqa``. Learning rate: linear warm-up, constant,
+   then a cosine decay over the last ``decay_fraction`` of the planned VQA time (a warm-up suited to depth: the
+   12-layer LLMs diverge without it).
+No random token drops are used in training (the models are not made robust to pruning beyond what the task gives).
 
-Seeded, with a progress bar, bf16 autocast through accelerate. The budget is wall-clock time, so the same command
-fits a lease. ``--resume DIR`` continues from a saved checkpoint (its weights; the optimizer restarts, since the
-device machine keeps nothing between calls and only small files come back).
+Seeded, with a progress bar, bf16 autocast through accelerate. The budget is wall-clock time so one command fits a
+lease; ``--plan-minutes`` is the whole run's plan and ``--resume DIR`` continues a saved part: weights, heads,
+phase, step and the schedule's position come back (``train_state.json``); the optimizer restarts with a short
+re-warm-up, since only small files come back from the device machine.
 """
 
 from __future__ import annotations
@@ -19,75 +32,130 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vtprune.eval import reference, synth
+from vtprune.eval import reference
+
+STATE_FILE = "train_state.json"
+HEADS_FILE = "heads.pt"
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
+    """One reference run. ``minutes`` is this call's time; ``plan_minutes`` the whole run's (default: minutes)."""
+
     family: str
-    minutes: float = 8.0
-    pretrain_fraction: float = 0.3
+    version: int = 2
+    minutes: float = 15.0
+    plan_minutes: float | None = None
+    dense_fraction: float = 0.3  # longest share of the plan spent in dense pre-training
+    shape_gate: float = 0.95  # running shape accuracy on object patches that ends the dense phase
+    glyph_gate: float = 0.90  # running glyph accuracy on glyph patches, likewise
+    object_weight: float = 8.0  # dense-loss weight of object / glyph patches relative to the background
+    global_weight_vqa: float = 0.1
     lr: float = 8e-4
     vision_lr_scale: float = 0.3
     weight_decay: float = 0.01
-    warmup_steps: int = 100
-    batch_image: int = 64
-    batch_multi: int = 24
-    batch_video: int = 32
+    warmup_steps: int = 300
+    rewarmup_steps: int = 50  # after a resume (fresh optimizer)
+    decay_fraction: float = 0.3
+    batch: int = 64  # items per VQA batch (in-context items hold 3 images, videos 8 frames)
+    batch_dense: int = 64
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.minutes < 0 or (self.plan_minutes is not None and self.plan_minutes <= 0):
+            raise ValueError("minutes must be >= 0 and plan_minutes > 0.")
+        for name in ("dense_fraction", "decay_fraction", "shape_gate", "glyph_gate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
 
-def _batch_size(config: TrainConfig, category: str) -> int:
-    if category in synth.MULTI_CATEGORIES:
-        return config.batch_multi
-    if category in synth.VIDEO_CATEGORIES:
-        return config.batch_video
-    return config.batch_image
+    @property
+    def plan_seconds(self) -> float:
+        return 60 * (self.plan_minutes if self.plan_minutes is not None else self.minutes)
 
 
 class DenseHeads(nn.Module):
     """Per-patch colour / shape / glyph classifiers on the visual features (``sub`` sub-patches per token)."""
 
-    def __init__(self, width: int, sub: int = 1) -> None:
+    def __init__(self, task, width: int, sub: int = 1) -> None:
         super().__init__()
         self.sub = sub
-        self.colour = nn.Linear(width, sub * (len(synth.COLOURS) + 1))
-        self.shape = nn.Linear(width, sub * (len(synth.SHAPES) + 2))
-        self.char = nn.Linear(width, sub * (len(synth.CHARS) + 1))
+        self.colour = nn.Linear(width, sub * (len(task.COLOURS) + 1))
+        self.shape = nn.Linear(width, sub * (len(task.SHAPES) + 2))
+        self.char = nn.Linear(width, sub * (len(task.CHARS) + 1))
 
-    def loss(self, features: torch.Tensor, labels: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
-        total, correct, count = 0.0, 0, 0
+    def loss(self, features: torch.Tensor, labels: dict[str, torch.Tensor], object_weight: float
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted cross-entropy over the three label maps, and accuracies on the patches that matter: shape and
+        colour on object patches, the character on glyph patches."""
+        foreground = labels["shape"].reshape(-1) > 0
+        weight = 1.0 + (object_weight - 1.0) * foreground.float()
+        total, metrics = 0.0, {}
         for name in ("colour", "shape", "char"):
             logits = getattr(self, name)(features.float())
             logits = logits.reshape(-1, logits.shape[-1] // self.sub)
             target = labels[name].reshape(-1)
-            total = total + nn.functional.cross_entropy(logits, target)
-            correct += int((logits.argmax(-1) == target).sum())
-            count += target.numel()
-        return total, correct / count
+            per_patch = nn.functional.cross_entropy(logits, target, reduction="none")
+            total = total + (per_patch * weight).sum() / weight.sum()
+            on = target > 0 if name == "char" else foreground
+            hit = (logits.argmax(-1) == target)[on]
+            metrics[f"{name}_fg"] = float(hit.float().mean()) if hit.numel() else float("nan")
+        return total, metrics
 
 
-def dense_features(family: str, model: nn.Module, batch: dict) -> tuple[torch.Tensor, int, int]:
-    """(tokens, width) visual features, the grid side of the label map, and sub-patches per token."""
+class GlobalHead(nn.Module):
+    """Multi-label "what is in the image" (colour x shape pairs, tag colours, characters) and the object count, from
+    a CLS vector."""
+
+    def __init__(self, task, width: int) -> None:
+        super().__init__()
+        self.pairs = len(task.COLOURS) * len(task.SHAPES)
+        self.outputs = self.pairs + len(task.COLOURS) + len(task.CHARS)
+        self.present = nn.Linear(width, self.outputs)
+        self.count = nn.Linear(width, 8)
+
+    def targets(self, task, scenes: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+        present = torch.zeros(len(scenes), self.outputs)
+        count = torch.zeros(len(scenes), dtype=torch.long)
+        for i, scene in enumerate(scenes):
+            for obj in scene.objects:
+                present[i, obj.colour * len(task.SHAPES) + obj.shape] = 1
+            for tag in getattr(scene, "tags", ()):
+                present[i, self.pairs + tag.colour] = 1
+                present[i, self.pairs + len(task.COLOURS) + tag.char] = 1
+            count[i] = min(len(scene.objects), 7)
+        return present.to(device), count.to(device)
+
+    def loss(self, cls: torch.Tensor, present: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        cls = cls.float()
+        return (nn.functional.binary_cross_entropy_with_logits(self.present(cls), present)
+                + nn.functional.cross_entropy(self.count(cls), count))
+
+
+def _vision_outputs(family: str, model: nn.Module, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor], int, int]:
+    """(tokens, width) patch features of every image as the LLM consumes them (before the projector), the CLS
+    vectors to train (feature layer and last layer; none for Qwen's tower, which has no CLS), the grid side of the
+    label map and sub-patches per token."""
     inner = model.model
+    if family == "qwen2_5_vl":
+        merged = inner.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+        return merged, [], 24, 4
+    out = inner.vision_tower(batch["pixel_values"], output_hidden_states=True)
+    layer = model.config.vision_feature_layer
+    feature = out.hidden_states[layer]
     if family == "llava":
-        out = inner.vision_tower(batch["pixel_values"], output_hidden_states=True)
-        return out.hidden_states[model.config.vision_feature_layer][:, 1:], 24, 1
-    if family == "internvl":
-        out = inner.vision_tower(batch["pixel_values"], output_hidden_states=True)
-        return out.hidden_states[-1][:, 1:], 32, 1
-    merged = inner.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
-    return merged, 24, 4
+        # LLaVA-1.5 consumes layer -2; the last layer only runs, so a head on its pooled CLS trains it.
+        return feature[:, 1:], [feature[:, 0], out.pooler_output], 24, 1
+    return feature[:, 1:], [feature[:, 0]], 32, 1
 
 
-def dense_labels(family: str, scenes: list[synth.Scene], grid: int, device) -> dict[str, torch.Tensor]:
-    labels = synth.label_maps(scenes, grid, device)
+def dense_labels(family: str, task, scenes: list, grid: int, device) -> dict[str, torch.Tensor]:
+    labels = task.label_maps(scenes, grid, device)
     if family == "qwen2_5_vl":
         # Merged token (i, j) covers patches (2i..2i+1, 2j..2j+1), its 4 sub-patches in row-major order.
         half = grid // 2
@@ -101,7 +169,18 @@ def vision_parameters(family: str, model: nn.Module) -> list[nn.Parameter]:
     return [p for m in modules for p in m.parameters()]
 
 
-def save(model: nn.Module, spec: reference.FamilySpec, out: Path, notes: dict) -> None:
+def learning_rate_scale(config: TrainConfig, phase: str, progress: float, step_in_call: int, resumed: bool) -> float:
+    """Multiplier of ``config.lr``: warm-up (a shorter re-warm-up after a resume), then constant, then cosine over
+    the last ``decay_fraction`` of the phase (``progress`` in [0, 1] of the phase's planned time)."""
+    warmup = config.rewarmup_steps if resumed else config.warmup_steps
+    scale = min(1.0, (step_in_call + 1) / max(warmup, 1))
+    start = 1.0 - config.decay_fraction
+    if progress > start and config.decay_fraction > 0:
+        scale *= 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - start) / config.decay_fraction)))
+    return max(scale, 0.02)
+
+
+def save(model: nn.Module, heads: nn.Module, spec: reference.FamilySpec, out: Path, notes: dict, state: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = reference.build_tokenizer(spec)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -112,26 +191,39 @@ def save(model: nn.Module, spec: reference.FamilySpec, out: Path, notes: dict) -
     tokenizer.save_pretrained(out)
     reference.build_processor(spec, tokenizer).save_pretrained(out)
     (out / "training.json").write_text(json.dumps(notes, indent=2) + "\n")
+    (out / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    torch.save({k: v.half() for k, v in heads.state_dict().items()}, out / HEADS_FILE)
 
 
 def train(config: TrainConfig, out: Path, resume: Path | None = None) -> dict:
+    """Train (or continue) one family; saves the checkpoint, its notes and its resumable state under ``out``."""
     import transformers
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    spec = reference.get_family(config.family)
+    spec = reference.get_family(config.family, config.version)
+    task = spec.task
     torch.manual_seed(config.seed)
     accelerator = Accelerator(mixed_precision="bf16" if torch.cuda.is_available() else "no")
     device = accelerator.device
     model_cls = getattr(transformers, spec.model_class)
+    state = {"phase": "dense", "step": 0, "dense_seconds": 0.0, "vqa_seconds": 0.0, "parts": 0, "history": []}
     if resume is not None:
+        if reference.spec_for(transformers.AutoConfig.from_pretrained(resume)) != spec:
+            raise ValueError(f"{resume} is not a version-{config.version} {config.family} checkpoint.")
         model = model_cls.from_pretrained(resume, dtype=torch.float32)
+        state = json.loads((resume / STATE_FILE).read_text())
     else:
         model = model_cls._from_config(reference.build_config(spec), dtype=torch.float32)
     model.to(device).train()
-    width = model.config.vision_config.hidden_size if config.family != "qwen2_5_vl" else (
-        model.config.vision_config.out_hidden_size)
-    heads = DenseHeads(width, sub=4 if config.family == "qwen2_5_vl" else 1).to(device)
+    qwen = config.family == "qwen2_5_vl"
+    width = model.config.vision_config.out_hidden_size if qwen else model.config.vision_config.hidden_size
+    heads = nn.ModuleDict({"dense": DenseHeads(task, width, sub=4 if qwen else 1)})
+    if not qwen:
+        heads["global"] = GlobalHead(task, width)
+    if resume is not None and (resume / HEADS_FILE).exists():
+        heads.load_state_dict({k: v.float() for k, v in torch.load(resume / HEADS_FILE).items()})
+    heads.to(device)
 
     vision = {id(p) for p in vision_parameters(config.family, model)}
     groups = [
@@ -141,87 +233,135 @@ def train(config: TrainConfig, out: Path, resume: Path | None = None) -> dict:
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
     model, heads, optimizer = accelerator.prepare(model, heads, optimizer)
+    dense_heads = accelerator.unwrap_model(heads)
 
-    budget = config.minutes * 60
-    pretrain_budget = budget * config.pretrain_fraction if resume is None else 0.0
-    image_stream = synth.train_stream(synth.IMAGE_CATEGORIES, seed=config.seed + 1)
-    streams = {c: synth.train_stream((c,), seed=config.seed) for c in spec.categories}
+    plan = config.plan_seconds
+    dense_plan = plan * config.dense_fraction
+    seed = config.seed + 1000 * state["parts"]  # a resumed part draws fresh training items
+    image_stream = task.train_stream(task.IMAGE_CATEGORIES, seed=seed + 1)
+    vqa_stream = task.train_stream(spec.categories, seed=seed)
     started = time.time()
-    step, phase = 0, "dense"
-    log = []
-    bar = tqdm(total=int(budget), unit="s", desc=f"{config.family} dense")
-    running = {}
+    call_steps, log, running = 0, [], {}
+    bar = tqdm(total=int(config.minutes * 60), unit="s", desc=f"{config.family} {state['phase']}")
     while True:
-        elapsed = time.time() - started
-        if elapsed >= budget:
+        now = time.time() - started
+        if now >= config.minutes * 60:
             break
-        if phase == "dense" and elapsed >= pretrain_budget:
-            phase = "vqa"
-            bar.set_description(f"{config.family} vqa")
-        # Warm-up, then cosine over the time budget of the current phase.
-        if phase == "dense":
-            progress = elapsed / max(pretrain_budget, 1e-6)
+        if state["phase"] == "dense":
+            gates_met = (running.get("shape_fg", 0) >= config.shape_gate and running.get("char_fg", 0)
+                         >= config.glyph_gate and call_steps >= 100)
+            if gates_met or state["dense_seconds"] >= dense_plan:
+                state["phase"] = "vqa"
+                state["dense_end"] = {"step": state["step"], "seconds": round(state["dense_seconds"], 1),
+                                      "gates_met": gates_met, **{k: round(v, 4) for k, v in running.items()}}
+                call_steps, running = 0, {}
+                bar.set_description(f"{config.family} vqa")
+        dense = state["phase"] == "dense"
+        if dense:
+            progress = state["dense_seconds"] / max(dense_plan, 1e-6)
         else:
-            progress = (elapsed - pretrain_budget) / max(budget - pretrain_budget, 1e-6)
-        scale = min(1.0, (step + 1) / config.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-        scale = max(scale, 0.02)
+            progress = state["vqa_seconds"] / max(plan - state["dense_end"]["seconds"], 1e-6)
+        scale = learning_rate_scale(config, state["phase"], progress, call_steps, resume is not None)
         for group in optimizer.param_groups:
-            group["lr"] = config.lr * scale * (1.0 if phase == "dense" else group["lr_scale"])
+            group["lr"] = config.lr * scale * (1.0 if dense else group["lr_scale"])
 
+        tick = time.time()
         with accelerator.autocast():
-            if phase == "dense":
-                items = [next(image_stream) for _ in range(config.batch_image)]
-                batch = reference.encode(spec, items, device)
-                features, grid, _ = dense_features(config.family, model, batch)
-                labels = dense_labels(config.family, [it.images[0] for it in items], grid, device)
-                loss, accuracy = heads.loss(features, labels)
-                metric = ("patch_acc", accuracy)
+            if dense:
+                items = [next(image_stream) for _ in range(config.batch_dense)]
+                loss, metrics = _dense_step(config, spec, model, dense_heads, items, device, with_global=True)
             else:
-                category = spec.categories[step % len(spec.categories)]
-                items = [next(streams[category]) for _ in range(_batch_size(config, category))]
-                batch = reference.encode(spec, items, device, with_answers=True)
-                output = model(**batch)
-                loss = output.loss
-                logits = output.logits[:, -3]
-                metric = (f"acc_{category}", float((logits.argmax(-1) == batch["labels"][:, -2]).float().mean()))
+                items = [next(vqa_stream) for _ in range(config.batch)]
+                loss, metrics = _vqa_step(config, spec, model, dense_heads, items, device)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        state["dense_seconds" if dense else "vqa_seconds"] += time.time() - tick
 
-        name, value = metric
-        running[name] = 0.95 * running.get(name, value) + 0.05 * value
-        step += 1
-        if step % 20 == 0:
+        for name, value in metrics.items():
+            if not math.isnan(value):
+                running[name] = 0.95 * running.get(name, value) + 0.05 * value
+        state["step"] += 1
+        call_steps += 1
+        if call_steps % 20 == 0:
             bar.update(int(time.time() - started) - bar.n)
-            bar.set_postfix(loss=f"{float(loss):.3f}", **{k: f"{v:.2f}" for k, v in running.items()})
-        if step % 200 == 0:
-            log.append({"step": step, "seconds": round(time.time() - started, 1), "phase": phase,
-                        "loss": round(float(loss), 4), **{k: round(v, 4) for k, v in running.items()}})
+            bar.set_postfix(loss=f"{float(loss):.3f}", **{k: f"{v:.2f}" for k, v in list(running.items())[:6]})
+        if state["step"] % 200 == 0:
+            log.append({"step": state["step"], "seconds": round(time.time() - started, 1), "phase": state["phase"],
+                        "lr_scale": round(scale, 4), "loss": round(float(loss), 4),
+                        **{k: round(v, 4) for k, v in running.items()}})
     bar.close()
+    state["parts"] += 1
+    state["history"].append({"minutes": round((time.time() - started) / 60, 2), "steps": call_steps,
+                             "ended_in": state["phase"]})
     notes = {
         "family": config.family,
+        "version": config.version,
         "config": asdict(config),
         "resumed_from": str(resume) if resume else None,
-        "steps": step,
-        "minutes": round((time.time() - started) / 60, 2),
+        "steps": state["step"],
+        "minutes_this_part": round((time.time() - started) / 60, 2),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "dense_end": state.get("dense_end"),
         "running_metrics": {k: round(v, 4) for k, v in running.items()},
         "log": log,
     }
-    save(accelerator.unwrap_model(model).eval(), spec, out, notes)
+    save(accelerator.unwrap_model(model).eval(), dense_heads, spec, out, notes, state)
     return notes
+
+
+def _dense_step(config: TrainConfig, spec, model, heads, items, device, with_global: bool):
+    batch = reference.encode(spec, items, device)
+    scenes = [it.images[0] for it in items]
+    features, cls_vectors, grid, _ = _vision_outputs(config.family, model, batch)
+    labels = dense_labels(config.family, spec.task, scenes, grid, device)
+    loss, metrics = heads["dense"].loss(features, labels, config.object_weight)
+    if with_global and cls_vectors:
+        loss = loss + _global_loss(spec, heads, cls_vectors, scenes, device)
+    return loss, metrics
+
+
+def _global_loss(spec, heads, cls_vectors, scenes, device) -> torch.Tensor:
+    present, count = heads["global"].targets(spec.task, scenes, device)
+    return sum(heads["global"].loss(cls, present, count) for cls in cls_vectors)
+
+
+def _vqa_step(config: TrainConfig, spec, model, heads, items, device):
+    batch = reference.encode(spec, items, device, with_answers=True)
+    output = model(**batch)
+    loss = output.loss
+    hits = output.logits[:, -3].argmax(-1) == batch["labels"][:, -2]
+    metrics = {}
+    for category in dict.fromkeys(it.category for it in items):
+        rows = torch.tensor([it.category == category for it in items], device=device)
+        metrics[f"acc_{category}"] = float(hits[rows].float().mean())
+    if config.global_weight_vqa > 0 and "global" in heads:
+        single = [it for it in items if it.kind == "image"]
+        if single:
+            image_batch = reference.encode(spec, single, device)
+            _, cls_vectors, _, _ = _vision_outputs(config.family, model, image_batch)
+            scenes = [it.images[0] for it in single]
+            loss = loss + config.global_weight_vqa * _global_loss(spec, heads, cls_vectors, scenes, device)
+    return loss, metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", required=True, choices=sorted(reference.FAMILIES))
-    parser.add_argument("--minutes", type=float, default=8.0)
+    parser.add_argument("--family", required=True, choices=sorted(reference.FAMILIES_V2))
+    parser.add_argument("--minutes", type=float, default=15.0, help="time of this call")
+    parser.add_argument("--plan-minutes", type=float, help="time of the whole run, all parts (default: --minutes)")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--resume", type=Path)
+    parser.add_argument("--resume", type=Path, help="a part saved by an earlier call, to continue")
     parser.add_argument("--seed", type=int, default=0)
+    for field in fields(TrainConfig):
+        if field.name not in ("family", "version", "minutes", "plan_minutes", "seed"):
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
-    notes = train(TrainConfig(family=args.family, minutes=args.minutes, seed=args.seed), args.out, args.resume)
+    if args.resume is not None and not (args.resume / STATE_FILE).exists():
+        parser.error(f"--resume {args.resume} holds no {STATE_FILE}: give a folder saved by this script.")
+    options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "version"}
+    notes = train(TrainConfig(**options), args.out, args.resume)
     print(json.dumps({k: v for k, v in notes.items() if k != "log"}, indent=2))
     return 0
 

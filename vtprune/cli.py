@@ -148,7 +148,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     from vtprune.eval import accuracy
 
@@ -156,8 +156,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not model_dir.is_dir():
         raise SystemExit(f"--model {model_dir}: no such directory. Pass a reference checkpoint directory.")
     get_pruner_class(args.method)
+    spec = accuracy.family_of(AutoConfig.from_pretrained(model_dir))
+    splits = spec.task.SPLIT_SIZES
+    if args.split not in splits:
+        raise SystemExit(f"--split {args.split}: the yardstick-v{spec.version} checkpoint {model_dir} has the splits "
+                         f"{list(splits)}.")
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).to(args.device).eval()
-    spec = accuracy.family_of(model)
     if args.categories == "all":
         categories = list(spec.categories)
     else:
@@ -179,7 +183,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         b, p = base[category]["accuracy"], pruned[category]["accuracy"]
         kept = f"{100 * p / b:.1f}%" if b > 0 else "n/a"
         rows.append((category, base[category]["n"], f"{100 * b:.1f}", f"{100 * p:.1f}", kept,
-                     f"{100 * synth_chance(category):.0f}"))
+                     f"{100 * accuracy.chance(spec)[category]:.0f}"))
     b, p = accuracy.overall(base), accuracy.overall(pruned)
     rows.append(("all", sum(r["n"] for r in base.values()), f"{100 * b:.1f}", f"{100 * p:.1f}",
                  f"{100 * p / b:.1f}%" if b > 0 else "n/a", ""))
@@ -191,11 +195,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"wrote {args.json}")
     return 0
 
-
-def synth_chance(category: str) -> float:
-    from vtprune.eval.accuracy import CHANCE
-
-    return CHANCE[category]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--keep", type=float, default=0.11)
     evaluate.add_argument("--budget", default="input", choices=["input", "average"])
     evaluate.add_argument("--where", help="insertion point for methods that take one")
-    evaluate.add_argument("--split", default="test", choices=["val", "test"])
+    evaluate.add_argument("--split", default="test", choices=["val", "test", "test_shift"],
+                          help="test_shift: the held-out split of yardstick-v2 checkpoints")
     evaluate.add_argument("--categories", default="all", help="comma-separated, or 'all'")
     evaluate.add_argument("--limit", type=int, help="items per category (default: the whole split)")
     evaluate.add_argument("--batch-size", type=int, default=32)

@@ -1,0 +1,197 @@
+"""Yardstick v2 (issue "Yardstick v2"): the deep reference configs fit the size budget and map every method's
+32-layer schedule to distinct layers; checkpoints record their version; the prompt is laid out as the real families'
+(BOS, image, question); the object oracles keep the right tokens; the gates never pass what was not measured; the
+recipe trains, saves and resumes on CPU; the reference job measures every row of a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vtprune.eval import accuracy, reference, report, synth_v2
+from vtprune.state import ImageTokens
+
+FAMILIES = sorted(reference.FAMILIES_V2)
+# The methods' schedules in a 32-layer LLM: FastV / DART K=2; MustDrop 2/6/10/14; PyramidDrop 8/16/24; VFlowOpt
+# L/3 and 2L/3; ToDRE 7L/8; CATP K=6.
+SCHEDULES_32 = ((2,), (2, 6, 10, 14), (8, 16, 24), (32 / 3, 64 / 3), (28,), (6,))
+
+
+def _build(family: str):
+    import transformers
+
+    spec = reference.get_family(family, 2)
+    return getattr(transformers, spec.model_class)._from_config(reference.build_config(spec), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_v2_config_is_deep_small_and_recorded(family, tmp_path):
+    import transformers
+
+    model = _build(family)
+    config = model.config
+    layers = config.text_config.num_hidden_layers
+    assert layers >= 8
+    fp16_bytes = 2 * sum(p.numel() for p in model.parameters())
+    assert fp16_bytes <= 16 * 10**6, f"{family}: {fp16_bytes / 1e6:.1f} MB in fp16, over the 16 MB budget"
+    for schedule in SCHEDULES_32:
+        mapped = [min(layers - 1, round(k * layers / 32)) for k in schedule]
+        assert len(set(mapped)) == len(mapped), f"{schedule} of 32 collapses to {mapped} on {layers} layers"
+    config.save_pretrained(tmp_path)
+    assert reference.spec_for(transformers.AutoConfig.from_pretrained(tmp_path)) == reference.get_family(family, 2)
+
+
+def test_v2_checkpoints_fit_together():
+    total = sum(2 * sum(p.numel() for p in _build(f).parameters()) for f in FAMILIES)
+    assert total <= 45 * 10**6, f"{total / 1e6:.1f} MB together in fp16, over the 45 MB budget"
+
+
+def test_v1_checkpoints_stay_version_one():
+    from transformers import AutoConfig
+
+    for family in reference.FAMILIES:
+        config = AutoConfig.from_pretrained(f"checkpoints/{family}")
+        assert reference.spec_for(config).version == 1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_v2_prompt_puts_bos_image_then_question(family):
+    spec = reference.get_family(family, 2)
+    item = synth_v2.make_item("val", "colour", 0)
+    words = reference.prompt_words(spec, item)
+    assert words[:3] == ["<s>", "USER:", "<V>"]
+    assert words[3:-1] == item.question.split() and words[-1] == "ASSISTANT:"
+    batch = reference.encode(spec, [item, synth_v2.make_item("val", "incontext", 0)])
+    ids = reference.vocab(spec)
+    for row, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True):  # left-padded rows
+        assert int(row[mask.bool()][0]) == ids["<s>"]
+
+
+def test_v2_tiny_model_runs_every_category_in_one_batch():
+    spec = reference.get_family("qwen2_5_vl", 2)
+    model = _build("qwen2_5_vl").eval()
+    items = [synth_v2.make_item("val", c, 0) for c in spec.categories]
+    batch = reference.encode(spec, items, with_answers=True)
+    with torch.no_grad():
+        out = model(**batch)
+    assert torch.isfinite(out.loss)
+    assert out.logits.shape[0] == len(items)
+
+
+def _image(n: int, budget: int, grid=(6, 6)) -> ImageTokens:
+    return ImageTokens(0, 0, grid, torch.arange(n), None, None, budget)
+
+
+def test_object_oracle_keeps_objects_then_a_background_lattice():
+    spec = reference.get_family("llava", 2)
+    oracle = accuracy.ObjectOracle(accuracy.OracleConfig(keep=0.25), spec)
+    on_object = torch.zeros(36)
+    on_object[[7, 8, 20]] = torch.tensor([0.9, 0.3, 0.1])  # 0.1 is under the 0.2 threshold: background
+    asked = torch.zeros(36)
+    asked[20] = 0.1
+    asked[8] = 0.3
+    kept = oracle._pick(on_object, asked, _image(36, 9))
+    assert kept.numel() == 9 and kept.unique().numel() == 9
+    assert kept[:2].tolist() == [7, 8]
+    aware = accuracy.ObjectOracle(accuracy.OracleConfig(keep=0.25, question_aware=True), spec)
+    kept_aware = aware._pick(on_object, asked, _image(36, 9))
+    assert kept_aware[:2].tolist() == [8, 7]
+    # The background fill is spread over the grid, not the first free indices.
+    rows = {int(i) // 6 for i in kept[2:]}
+    assert len(rows) >= 3
+    # More object tokens than the budget: the most covered ones.
+    assert oracle._pick(on_object, asked, _image(36, 1)).tolist() == [7]
+
+
+def test_token_coverage_finds_the_asked_object():
+    spec = reference.get_family("llava", 2)
+    item = synth_v2.make_item("test", "colour", 3)
+    on_object, asked = accuracy.token_coverage(spec, item.images, accuracy.token_side(spec), "cpu")
+    assert on_object.shape == asked.shape == (1, 576)
+    assert 0 < int((asked >= 0.2).sum()) < int((on_object >= 0.2).sum())
+    assert bool((asked <= on_object + 1e-6).all())
+
+
+def _runs(values: dict[str, float], categories) -> dict[str, dict]:
+    return {run: {c: {"accuracy": v, "n": 1000} for c in categories} for run, v in values.items()}
+
+
+def test_gates_report_missing_runs_as_not_measured():
+    spec = reference.get_family("llava", 2)
+    gates = accuracy.gates(spec, _runs({"unpruned": 0.95}, spec.categories))
+    by_name = {g.name: g for g in gates}
+    assert by_name["unpruned image average"].passed is True
+    assert by_name["oracle@0.11 / unpruned (image)"].passed is None
+    assert by_name["top-11% CLS-attention tokens on objects"].passed is None
+    assert by_name["blind: largest excess over chance"].passed is None
+
+
+def test_gates_pass_and_miss_on_the_numbers():
+    spec = reference.get_family("llava", 2)
+    chance = synth_v2.CHANCE
+    runs = _runs({"unpruned": 0.95, "oracle@0.11": 0.93, "uniform@0.11": 0.70}, spec.categories)
+    runs["blind"] = {c: {"accuracy": chance[c] + 0.01, "n": 1000} for c in spec.categories}
+    gates = {g.name: g for g in accuracy.gates(spec, runs, cls_share=0.5)}
+    met = ("unpruned image average", "blind: largest excess over chance", "oracle@0.11 / unpruned (image)",
+           "oracle@0.11 - uniform@0.11 (image)")
+    assert all(gates[name].passed for name in met)
+    assert gates["top-11% CLS-attention tokens on objects"].passed is False
+    runs["uniform@0.11"] = _runs({"u": 0.85}, spec.categories)["u"]
+    assert accuracy.gates(spec, runs)[-2].passed is False  # oracle - uniform = 8 points < 15
+
+
+def test_report_renders_the_gate_table():
+    gates = [{"name": "unpruned image average", "measured": 0.5, "threshold": 0.9, "kind": ">=", "passed": False},
+             {"name": "top-11% CLS-attention tokens on objects", "measured": None, "threshold": 0.7, "kind": ">=",
+              "passed": None}]
+    table = report.gate_table("llava", gates)
+    assert "| unpruned image average | >= 90 | 50.0 | **missed** |" in table
+    assert "not measured" in table
+
+
+def test_recipe_trains_saves_and_resumes_on_cpu(tmp_path):
+    from vtprune.eval.train_reference import STATE_FILE, TrainConfig, train
+
+    small = dict(family="llava", batch=3, batch_dense=2, warmup_steps=2)
+    notes = train(TrainConfig(minutes=0.05, plan_minutes=1.0, **small), tmp_path / "part1")
+    state = json.loads((tmp_path / "part1" / STATE_FILE).read_text())
+    assert state["phase"] == "dense" and state["step"] == notes["steps"] >= 1
+    # The second part has no dense time left in its plan: it moves to VQA and continues the step count.
+    train(TrainConfig(minutes=0.05, plan_minutes=1.0, dense_fraction=0.0, **small), tmp_path / "part2",
+          resume=tmp_path / "part1")
+    resumed = json.loads((tmp_path / "part2" / STATE_FILE).read_text())
+    assert resumed["phase"] == "vqa" and resumed["step"] > state["step"] and resumed["parts"] == 2
+    assert resumed["dense_end"]["gates_met"] is False
+    from transformers import AutoConfig
+
+    assert reference.spec_for(AutoConfig.from_pretrained(tmp_path / "part2")).version == 2
+
+
+def test_recipe_refuses_a_checkpoint_of_another_family(tmp_path):
+    from vtprune.eval.train_reference import TrainConfig, train
+
+    train(TrainConfig(family="llava", minutes=0.0, batch=2, batch_dense=2), tmp_path / "llava")
+    with pytest.raises(ValueError, match="not a version-2 internvl checkpoint"):
+        train(TrainConfig(family="internvl", minutes=0.0), tmp_path / "x", resume=tmp_path / "llava")
+
+
+def test_reference_job_measures_every_row_of_a_checkpoint(tmp_path):
+    from vtprune.eval import reference_job
+    from vtprune.eval.train_reference import TrainConfig, train
+
+    train(TrainConfig(family="llava", minutes=0.0), tmp_path / "llava")
+    # Two categories keep it short on CPU (a 12-layer LLM over 577-token images); every row and both splits run.
+    result = reference_job.evaluate_family("llava", tmp_path / "llava", limit=1, keeps=(0.11,), batch_size=8,
+                                           categories=("shape", "count"))
+    expected = {"unpruned", "blind", "oracle@0.11", "oracle-q@0.11", "cls@0.11", "random@0.11", "uniform@0.11"}
+    for split in ("test", "test_shift"):
+        rows = {k for k in result[split] if not k.endswith(".seconds")}
+        assert rows == expected
+        errors = {k: v["error"] for k, v in result[split].items() if isinstance(v, dict) and "error" in v}
+        assert not errors, errors
+    assert 0 <= result["cls_share"] <= 1
+    gates = {g["name"]: g for g in result["gates"]}
+    assert gates["unpruned in-context"]["measured"] is None  # left out: not measured, never passed
+    assert gates["unpruned count"]["measured"] is not None
