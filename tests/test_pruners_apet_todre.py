@@ -240,7 +240,8 @@ def test_todre_stage_one_keeps_the_diverse_tokens_per_image():
     gen = torch.Generator().manual_seed(3)
     images = [_image(20, 5, torch.randn(20, 8, generator=gen), index=i) for i in range(2)]
     for selection in ("maxsum", "kcenter"):
-        kept = ToDREPruner(ToDREConfig(selection=selection)).select(PruneContext("projector", 0, 4, images)).keep
+        config = ToDREConfig(selection=selection, pivot="center")
+        kept = ToDREPruner(config).select(PruneContext("projector", 0, 4, images)).keep
         pick = max_sum_diversify if selection == "maxsum" else k_center
         for image, k in zip(images, kept, strict=True):
             x = F.normalize(image.features, dim=-1)[None]

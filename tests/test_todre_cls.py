@@ -182,7 +182,7 @@ def test_todre_starts_from_the_most_cls_attended_global_view_token(family, monke
 
 
 @pytest.mark.parametrize("family", NO_CLS_FAMILIES)
-def test_todre_without_a_cls_token_starts_nearest_to_the_mean(family, monkeypatch):
+def test_todre_without_a_cls_token_starts_at_the_seeded_random_token(family, monkeypatch):
     factory = FACTORIES[family]
     model = factory.build("sdpa")
     prompts = [Prompt(images=1, videos=1), Prompt(images=2)]
@@ -202,7 +202,7 @@ def test_todre_without_a_cls_token_starts_nearest_to_the_mean(family, monkeypatc
     vtprune.unwrap(model)
     assert calls
     for x, pivot in calls:
-        assert torch.equal(pivot, todre.nearest_to_mean(x))
+        assert torch.equal(pivot, todre.random_pivot(x.shape[0], x.shape[1], 0, x.device))
 
 
 @pytest.mark.parametrize("family", CLS_FAMILIES)
@@ -258,8 +258,19 @@ def test_first_pivot_falls_back_where_no_global_view_token_is_left():
         ImageTokens(2, 0, None, torch.arange(10), None, x[2], 3, None, None),  # no CLS row
     ]
     pivot = todre.first_pivot(x, images)
-    mean = todre.nearest_to_mean(x)
-    assert pivot.tolist() == [5 + int(attention[0, 5:].argmax()), int(mean[1]), int(mean[2])]
+    fallback = int(todre.random_pivot(1, 10, 0, x.device)[0])
+    assert pivot.tolist() == [5 + int(attention[0, 5:].argmax()), fallback, fallback]
     # A CLS row without a global view: every token is a candidate.
     images[1].global_view = None
     assert int(todre.first_pivot(x, images)[1]) == int(attention[1].argmax())
+    # The other rules ignore the CLS row.
+    assert todre.first_pivot(x, images, "center").tolist() == todre.nearest_to_mean(x).tolist()
+    assert todre.first_pivot(x, images, "random", seed=3).tolist() == [int(todre.random_pivot(1, 10, 3, "cpu")[0])] * 3
+
+
+def test_random_pivot_is_seeded_and_depends_on_the_token_count_only():
+    picks = {int(todre.random_pivot(1, 576, seed, "cpu")[0]) for seed in range(20)}
+    assert len(picks) > 10  # different seeds pick different tokens
+    assert todre.random_pivot(4, 576, 7, "cpu").tolist() == [int(todre.random_pivot(1, 576, 7, "cpu")[0])] * 4
+    with pytest.raises(ValueError, match="pivot='mean'"):
+        todre.ToDREConfig(pivot="mean")

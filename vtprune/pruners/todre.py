@@ -28,11 +28,12 @@ k = round(keep·n) before the LLM).
 
 Differs:
 - Pivot without a CLS row (SigLIP in LLaVA-OneVision, Qwen's ViTs, every video) or with no global-view token left
-  by an earlier stage: the token nearest (cosine) to the mean of all the image's normalised tokens, where the paper
-  takes a random one (Qwen2.5-VL); its appendix finds the choice nearly irrelevant (random 95.8% vs CLS 96.0%) and
-  METHODS.md §1 accepts nearest-to-mean.
+  by an earlier stage: a seeded random token, as the paper recommends (its appendix: random 95.8% vs CLS 96.0%,
+  "Center" the weakest at 10% keep); ``pivot="center"`` gives the nearest-to-mean token (vtprune's default before
+  2026-12-01, the accuracy rows in README were measured with it), ``pivot="random"`` a random token everywhere. The
+  random index is a function of (``seed``, the image's token count), so batching never changes it.
 - Video: the paper takes each frame's CLS argmax and starts from the best of them; vtprune gives videos no CLS row
-  (their towers have no CLS anyway) and uses the nearest-to-mean pivot over the whole video. InternVL frames arrive
+  (their towers have no CLS anyway) and uses the random pivot over the whole video. InternVL frames arrive
   as separate images: each gets its own CLS pivot and its own selection.
 - An InternVL token is a pixel-shuffled 2 x 2 block of ViT patches; its CLS attention is the block's sum (the paper
   does not say).
@@ -61,6 +62,7 @@ from vtprune.registry import register_pruner
 from vtprune.state import ImageTokens, PruneContext, Selection, Stage
 
 SELECTIONS = ("maxsum", "kcenter")
+PIVOTS = ("cls", "random", "center")
 
 
 @dataclass(frozen=True)
@@ -72,17 +74,27 @@ class ToDREConfig(PrunerConfig):
         0 turns stage 2 off.
     relevance_layer: ℓ, the decoder layer whose attention decides; visual tokens go from layer ℓ + 1 on. None =
         round(7L/8) clamped to L - 2 (28 of 32; 2 of the 4-layer test models). Must be in 0..L-2.
+    pivot: the first pick. "cls" (paper): the token the vision encoder's CLS attends to most, over the global view;
+        where there is no CLS row, a random token as the paper recommends. "random": a random token always.
+        "center": the token nearest to the mean (the paper's "Center" ablation, its weakest at 10% keep).
+    seed: seed of the random pivot. The pivot depends only on (seed, the image's token count), never on the batch.
     """
 
     method = "todre"
     selection: str = "maxsum"
     tau: float = 0.10
     relevance_layer: int | None = None
+    pivot: str = "cls"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection={self.selection!r} is not one of {list(SELECTIONS)}.")
+        if self.pivot not in PIVOTS:
+            raise ValueError(f"pivot={self.pivot!r} is not one of {list(PIVOTS)}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}.")
         if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)):
             raise TypeError(f"tau must be a number, got {type(self.tau).__name__}.")
         if not 0.0 <= self.tau <= 1.0:
@@ -106,11 +118,21 @@ def cls_pivot(attention: Tensor, candidates: Tensor, fallback: Tensor) -> Tensor
     return torch.where(candidates.any(dim=1), best, fallback)
 
 
-def first_pivot(x: Tensor, images: list[ImageTokens]) -> Tensor:
-    """(B, n, C) unit-norm tokens of B images of n tokens -> (B,) pivot: the CLS argmax over an image's global view
-    where the adapter gave a CLS row (``cls_attention``), else the token nearest to the mean."""
-    pivot = nearest_to_mean(x)
-    if all(image.cls_attention is None for image in images):
+def random_pivot(batch: int, n: int, seed: int, device: torch.device) -> Tensor:
+    """(batch,) the same seeded random index in 0..n-1 for every image of n tokens: a function of (seed, n) alone,
+    so an image gets the same pivot alone and in any batch."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + n)
+    return torch.randint(n, (1,), generator=generator).expand(batch).to(device)
+
+
+def first_pivot(x: Tensor, images: list[ImageTokens], rule: str = "cls", seed: int = 0) -> Tensor:
+    """(B, n, C) unit-norm tokens of B images of n tokens -> (B,) pivot. "cls": the CLS argmax over an image's
+    global view where the adapter gave a CLS row (``cls_attention``), else the seeded random token; "random": the
+    seeded random token; "center": the token nearest to the mean."""
+    if rule == "center":
+        return nearest_to_mean(x)
+    pivot = random_pivot(x.shape[0], x.shape[1], seed, x.device)
+    if rule == "random" or all(image.cls_attention is None for image in images):
         return pivot
     none = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
     attention, candidates = [], []
@@ -215,7 +237,8 @@ class ToDREPruner(Pruner):
             if first.budget >= first.num_tokens:
                 continue
             x = F.normalize(torch.stack([ctx.images[j].features for j in group]).float(), dim=-1)
-            chosen = pick(x, first.budget, first_pivot(x, [ctx.images[j] for j in group]))
+            pivot = first_pivot(x, [ctx.images[j] for j in group], self.config.pivot, self.config.seed)
+            chosen = pick(x, first.budget, pivot)
             for row, j in enumerate(group):
                 keep[j] = chosen[row]
         return Selection(keep=keep)
