@@ -94,7 +94,7 @@ class SaliencyOracle(Pruner):
         self.scores: list[Tensor] = []
 
     def plan(self, num_layers: int) -> list[Stage]:
-        return [Stage("projector", 0, self.config.keep)]
+        return [Stage("projector")]
 
     def prepare(self, items: list[synth.Item]) -> None:
         """Compute per-token saliency for the next batch, in the adapter's image order."""
