@@ -21,6 +21,7 @@ points. Everything else lives here, so pruners work unchanged on every family.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -32,7 +33,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from vtprune.budget import size_plan, stage_budget
 from vtprune.kernels import attention_rows, compact_sequence, gather_tokens
+from vtprune.point import ENTRY_KINDS, PATTERNS
 from vtprune.state import (
     OPTIONAL_IMAGE_FIELDS,
     CallStats,
@@ -113,6 +116,8 @@ class _CallState:
     stats: CallStats = field(default_factory=CallStats)
     # Per optional ImageTokens field the pruner needs: per image, its value over the image's original tokens.
     image_extras: dict[str, list[Tensor | None]] | None = None
+    # Device-side checks of the selections (stage, image, (out of range, duplicate)), read at the end of the call.
+    checks: list[tuple[Stage, int, Tensor]] = field(default_factory=list)
 
 
 def _kwarg_cache(kwargs: dict[str, Any]) -> Any:
@@ -149,6 +154,43 @@ def encoded_index(images: list[ImageLayout], encoded: dict[str, int], by_kind: b
     return out
 
 
+def _drops_nothing(stage: Stage, ctx: PruneContext) -> bool:
+    """Whether a stage leaves every image whole (its method is then not called)."""
+    return not stage.adaptive and all(image.budget >= image.num_tokens for image in ctx.images)
+
+
+def _may_drop(stage: Stage) -> bool:
+    """Whether a stage can drop anything (a sized stage that keeps everything never calls the method)."""
+    return stage.fraction < 1.0 or stage.adaptive
+
+
+class _GenerateWrapper:
+    """Shadows ``model.generate`` on the instance with a call that marks the adapter as generating and releases
+    the call's state when generate returns or raises; ``remove`` restores what was there."""
+
+    def __init__(self, model: nn.Module, adapter: Adapter) -> None:
+        self.owner = model
+        self.previous = model.__dict__.get("generate")
+        inner = model.generate
+
+        @functools.wraps(inner)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            adapter._generating = True
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                adapter._end_generate()
+
+        self.wrapper = generate
+        model.generate = generate
+
+    def remove(self) -> None:
+        if self.owner.__dict__.get("generate") is self.wrapper:
+            del self.owner.generate
+            if self.previous is not None:
+                self.owner.generate = self.previous
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -163,7 +205,8 @@ class Adapter(ABC):
     """Base class of every family adapter; subclasses fill in the family-specific methods at the bottom."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
-    points: ClassVar[tuple[str, ...]] = ("encoder", "projector", "llm", "decode")
+    # The insertion points the family offers, in the vocabulary of ``Pruner.points``.
+    points: ClassVar[tuple[str, ...]] = PATTERNS
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -190,19 +233,30 @@ class Adapter(ABC):
         self._captures_stale = False
         self._handles: list[Any] = []
         self._warned: set[str] = set()
+        # True while a call of the wrapped model (``model.model``) runs: the LLM and layer hooks act only then, so
+        # the inner language model called on its own runs as the plain model.
+        self._active = False
+        # True inside a wrapped ``generate``; its end releases everything the call held.
+        self._generating = False
 
     # ----------------------------------------------------------------------------------------------- install
     def install(self, pruner: Any) -> None:
-        """Attach the hooks a pruner's plan needs. ``pruner`` has ``plan(num_layers)`` and ``select(ctx)``."""
-        plan = pruner.plan(self.num_layers)
+        """Attach the hooks a pruner's plan needs. ``pruner`` has ``config``, ``points``, ``plan(num_layers)`` and
+        ``select(ctx)``; its plan is sized by ``vtprune.budget.size_plan``."""
+        plan = size_plan(pruner, self.num_layers)
+        self.method = getattr(pruner, "name", "") or pruner.config.method or type(pruner).__name__
+        allowed = tuple(getattr(pruner, "points", ()))
         for stage in plan:
-            if stage.point not in self.points:
+            if stage.point.pattern not in allowed:
                 raise ValueError(
-                    f"{type(self).__name__} has no '{stage.point}' insertion point; it has {list(self.points)}."
+                    f"Method '{self.method}' does not act at '{stage.point}'; its insertion points are "
+                    f"{', '.join(allowed) or 'none'}. Pick one of those (e.g. where='{allowed[0] if allowed else ''}' "
+                    "for a method that takes where=)."
                 )
-            if not 0 <= stage.layer < self.num_layers:
+            if stage.point.pattern not in self.points:
                 raise ValueError(
-                    f"Stage {stage.point}:{stage.layer} names a decoder layer outside 0..{self.num_layers - 1}."
+                    f"{type(self).__name__} has no '{stage.point.pattern}' insertion point; it has "
+                    f"{list(self.points)}."
                 )
         needs = frozenset(getattr(pruner, "needs", ()))
         if not needs <= set(OPTIONAL_IMAGE_FIELDS):
@@ -213,22 +267,25 @@ class Adapter(ABC):
         self.pruner = pruner
         self.needs = needs
         self.plan = plan
-        self._prefill_plan = sorted((s for s in plan if s.point != "decode"), key=lambda s: s.layer)
-        self._decode_plan = sorted((s for s in plan if s.point == "decode"), key=lambda s: s.layer)
+        self._prefill_plan = sorted((s for s in plan if s.point.kind != "decode"), key=lambda s: s.layer)
+        self._decode_plan = sorted((s for s in plan if s.point.kind == "decode"), key=lambda s: s.layer)
+        # Whether a prefill can come out shorter than its prompt (labels= then cannot line up with the logits).
+        self._shortens = any(s.fraction < 1.0 or s.adaptive for s in self._prefill_plan)
         if self._decode_plan and self._prefill_plan and self._decode_plan[0].layer < self._prefill_plan[-1].layer:
             raise ValueError("A decode-time KV policy must act at or after the last prefill drop layer.")
 
         add = self._handles.append
         add(self.model.register_forward_pre_hook(self._on_top_forward, with_kwargs=True))
         add(self.inner.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
+        add(self.inner.register_forward_hook(self._after_model_forward, always_call=True))
         add(self.language_model.register_forward_pre_hook(self._on_llm_entry, with_kwargs=True))
         for i, layer in enumerate(self.layers):
             add(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
         for stage in self._prefill_plan:
-            if stage.point == "llm" and stage.layer > 0:
+            if stage.point.kind == "llm" and stage.layer > 0 and _may_drop(stage):
                 attn = self.layers[stage.layer - 1].self_attn
                 add(attn.register_forward_pre_hook(self._make_probe_capture(stage.layer - 1), with_kwargs=True))
-        entry_points = {s.point for s in plan if s.point in ("encoder", "projector")}
+        entry_points = {s.point.kind for s in plan if s.point.kind in ENTRY_KINDS}
         for point in entry_points:
             add(self.capture_hook(point, self._store_capture(point)))
         cls_attention = self.vision_cls_attention() if entry_points and "cls_attention" in needs else None
@@ -236,13 +293,23 @@ class Adapter(ABC):
             add(cls_attention.register_forward_pre_hook(self._cls_capture(), with_kwargs=True))
         for handle in self.family_hooks():
             add(handle)
+        add(_GenerateWrapper(self.model, self))
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._release()
+
+    def _release(self) -> None:
+        """Drop everything one call held (per-call state, captured vision records); ``last_stats`` stays."""
         self.state = None
         self.captured.clear()
+        self._captures_stale = False
+
+    def _end_generate(self) -> None:
+        self._generating = False
+        self._release()
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -274,13 +341,14 @@ class Adapter(ABC):
 
     # ------------------------------------------------------------------------------------------------ hooks
     def _on_top_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if kwargs.get("labels") is not None and self.pruner.config.keep < 1.0:
+        if kwargs.get("labels") is not None and self._shortens:
             raise ValueError(
                 "labels= cannot go through a pruned model: the logits are shorter than the labels. Score a "
                 "continuation with out.logits[:, -(n_cont + 1):-1] (negative indexing) instead; see README."
             )
 
     def _on_model_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._active = True
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache = _kwarg_cache(kwargs)
         past = cache.get_seq_length() if cache is not None else 0
@@ -336,8 +404,28 @@ class Adapter(ABC):
         self.state.stats.image_tokens = [im.positions.numel() for im in images]
         self.state.stats.image_grid = [im.grid for im in images]
 
+    def _after_model_forward(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """End of a call of the wrapped model: release what only that call needed, then report a bad selection."""
+        self._active = False
+        st = self.state
+        if st is None:
+            if not self._generating:
+                self.captured.clear()
+            return
+        # The probe's inputs hold the layer's hidden states and a reference to the KV cache; the per-image extras
+        # and (outside generate, which may re-run a prefill without a cache) the vision records are prefill-only.
+        st.probe_inputs.clear()
+        st.image_extras = None
+        if not self._generating:
+            self.captured.clear()
+        if st.checks:
+            checks, st.checks = st.checks, []
+            self._raise_bad_selection(checks)
+
     def _on_llm_entry(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         st = self.state
+        if not self._active:
+            return None
         if st is None:
             self._captures_stale = True
             return None
@@ -372,15 +460,16 @@ class Adapter(ABC):
         st.prefill_stages = [s for s in st.prefill_stages if s.layer > 0]
         for stage in entry:
             features = self._entry_features(st, stage, embeds)
-            ctx = self._context(st, stage, base, features=features, hidden=embeds if stage.point == "llm" else None)
-            selection, seconds = self._select(ctx)
+            hidden = embeds if stage.point.kind == "llm" else None
+            ctx = self._context(st, stage, base, features=features, hidden=hidden)
+            selection, seconds = self._select(stage, ctx)
             group = self._apply(st, stage, ctx, selection, seconds, base)
             # Rows of the current (possibly already pruned) input that the new group keeps.
             rows = base.inverse(st.orig_len).gather(1, group.index).clamp(min=0)
             # position_dim=-1 gathers (B, L) positions and Qwen's (3 or 4, B, L) M-RoPE positions alike.
             packed = compact_sequence(rows, group.valid, hidden_states=embeds, position_ids=position_ids)
             embeds, position_ids = packed.hidden_states, packed.position_ids
-            embeds = self._write_values(st, ctx, selection, group, embeds, stage.point)
+            embeds = self._write_values(st, ctx, selection, group, embeds, stage.point.kind)
             st.groups = [group]
             base = group
         if not base.identity:
@@ -422,7 +511,7 @@ class Adapter(ABC):
     def _make_layer_hook(self, layer_idx: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             st = self.state
-            if st is None or st.phase == "prefill":
+            if st is None or st.phase == "prefill" or not self._active:
                 return None
             st.layer = layer_idx
             if st.phase == "prefill-llm" and st.prefill_stages and st.prefill_stages[0].layer == layer_idx:
@@ -450,7 +539,7 @@ class Adapter(ABC):
             # hidden states those of the group an earlier in-LLM drop made.
             kwargs = {**kwargs, **{k: v for k, v in current.layer_kwargs.items() if k != "attention_mask"}}
         ctx = self._context(st, stage, current, features=None, hidden=hidden)
-        selection, seconds = self._select(ctx)
+        selection, seconds = self._select(stage, ctx)
         group = self._apply(st, stage, ctx, selection, seconds, current)
         rows = current.inverse(st.orig_len).gather(1, group.index).clamp(min=0)
         packed = compact_sequence(rows, group.valid, hidden_states=hidden, position_ids=kwargs.get("position_ids"))
@@ -487,7 +576,7 @@ class Adapter(ABC):
     def _make_probe_capture(self, layer_idx: int) -> Callable:
         def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
             st = self.state
-            if st is not None and st.phase == "prefill-llm":
+            if st is not None and st.phase == "prefill-llm" and self._active:
                 hidden = args[0] if args else kwargs["hidden_states"]
                 st.probe_inputs[layer_idx] = (hidden, kwargs["position_embeddings"], _kwarg_cache(kwargs))
 
@@ -523,9 +612,9 @@ class Adapter(ABC):
         return min(later) if later else self.num_layers
 
     def _entry_features(self, st: _CallState, stage: Stage, embeds: Tensor) -> list[Tensor] | None:
-        if stage.point == "llm":
+        if stage.point.kind == "llm":
             return None
-        return self._captured_per_image(st, stage.point)
+        return self._captured_per_image(st, stage.point.kind)
 
     def _captured_per_image(self, st: _CallState, key: str) -> list[Tensor]:
         """Per image, (n, C) rows of what the vision-side hooks recorded under ``key``: the features of an insertion
@@ -568,10 +657,8 @@ class Adapter(ABC):
         return st.image_extras
 
     def _context(self, st: _CallState, stage: Stage, current: _Group, features, hidden) -> PruneContext:
-        from vtprune.budget import kept_count
-
         inverse = current.inverse(st.orig_len)
-        extras = self._image_extras(st) if stage.point in ("encoder", "projector") else {}
+        extras = self._image_extras(st) if stage.point.kind in ENTRY_KINDS else {}
         images = []
         for j, layout in enumerate(st.images):
             kept = st.kept[j]
@@ -588,9 +675,9 @@ class Adapter(ABC):
                     index_in_sample=layout.index_in_sample,
                     grid=layout.grid,
                     original_indices=kept,
-                    positions=positions if stage.point in ("llm", "decode") else None,
+                    positions=positions if stage.point.kind in ("llm", "decode") else None,
                     features=feats,
-                    budget=min(kept.numel(), kept_count(stage.fraction, layout.positions.numel())),
+                    budget=stage_budget(stage, layout.positions.numel(), kept.numel()),
                     **{name: None if value[j] is None else value[j][kept] for name, value in extras.items()},
                 )
             )
@@ -598,11 +685,10 @@ class Adapter(ABC):
         # Text tokens are never dropped, so the current rows' text flags are a gather (no per-sample nonzero).
         text_mask = (st.text_mask & st.mask2d.bool()).gather(1, current.index) & current.valid
         rows = None
-        if stage.point == "llm" and stage.layer > 0:
+        if stage.point.kind == "llm" and stage.layer > 0 and _may_drop(stage):
             rows = self._probe(st, stage.layer - 1, cur_mask)
         return PruneContext(
             point=stage.point,
-            layer=stage.layer,
             num_layers=self.num_layers,
             images=images,
             hidden_states=hidden,
@@ -647,30 +733,89 @@ class Adapter(ABC):
         k = k.transpose(1, 2)
         return k * cos[:, None] + _rotate_half(k) * sin[:, None]
 
-    def _select(self, ctx: PruneContext) -> tuple[Selection, float]:
+    def _select(self, stage: Stage, ctx: PruneContext) -> tuple[Selection, float]:
+        if _drops_nothing(stage, ctx):
+            # The stage drops nothing (keep=1, or every image already within its budget): the identity, without
+            # the method, so that no method has to reproduce it.
+            return Selection(keep=[torch.arange(image.num_tokens, device=ctx.device) for image in ctx.images]), 0.0
         _sync_timing(ctx.device)
         started = time.perf_counter()
         with torch.no_grad():
             selection = self.pruner.select(ctx)
         _sync_timing(ctx.device)
         seconds = time.perf_counter() - started
-        if len(selection.keep) != len(ctx.images):
-            raise RuntimeError(
-                f"{type(self.pruner).__name__}.select returned {len(selection.keep)} keep lists for "
-                f"{len(ctx.images)} images."
-            )
+        self._check_selection(stage, ctx, selection)
         return selection, seconds
+
+    def _check_selection(self, stage: Stage, ctx: PruneContext, selection: Selection) -> None:
+        """What can be checked on the host (shapes): one index list per image, of the budget's size. Duplicates and
+        the index range are checked on the device in ``_apply`` and reported at the end of the call (no sync)."""
+        where = f"Method '{self.method}' at '{stage.point}'"
+        if not isinstance(selection, Selection):
+            raise TypeError(f"{where}: select must return a vtprune.Selection, got {type(selection).__name__}.")
+        if len(selection.keep) != len(ctx.images):
+            raise ValueError(
+                f"{where} returned {len(selection.keep)} keep lists for {len(ctx.images)} images; return one per "
+                "image of ctx.images."
+            )
+        if selection.values is not None and len(selection.values) != len(ctx.images):
+            raise ValueError(
+                f"{where} returned {len(selection.values)} value lists for {len(ctx.images)} images; return one "
+                "(or None) per image, or values=None."
+            )
+        for j, (keep, image) in enumerate(zip(selection.keep, ctx.images, strict=True)):
+            integer = isinstance(keep, Tensor) and not keep.dtype.is_floating_point and keep.dtype != torch.bool
+            if not integer or keep.dim() != 1:
+                got = f"{keep.dtype} of shape {tuple(keep.shape)}" if isinstance(keep, Tensor) else type(keep).__name__
+                raise ValueError(
+                    f"{where}: the keep entry of image {j} must be a 1-D integer tensor of indices into its "
+                    f"{image.num_tokens} present tokens, got {got}."
+                )
+            count = keep.shape[0]
+            if count > image.budget or (count < image.budget and not stage.adaptive):
+                need = f"at most {image.budget}" if stage.adaptive else f"exactly {image.budget}"
+                raise ValueError(
+                    f"{where} kept {count} tokens of image {j}; the stage's budget is {image.budget} of its "
+                    f"{image.num_tokens} present tokens. Return {need} indices (ctx.images[j].budget)."
+                )
+            values = selection.values[j] if selection.values is not None else None
+            if values is not None and (not isinstance(values, Tensor) or values.dim() != 2
+                                       or values.shape[0] != count):
+                got = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+                raise ValueError(
+                    f"{where}: the values of image {j} must be a ({count}, C) tensor, one row per kept index, got "
+                    f"{got}."
+                )
+
+    def _raise_bad_selection(self, checks: list[tuple[Stage, int, Tensor]]) -> None:
+        """Read the device-side checks of this call's selections (one sync, after the call's work is queued) and
+        raise for the first bad one."""
+        flags = torch.stack([flag for _, _, flag in checks]).tolist()
+        for (stage, image, _), (out_of_range, duplicate) in zip(checks, flags, strict=True):
+            if out_of_range or duplicate:
+                what = "indices outside its present tokens" if out_of_range else "the same index twice"
+                raise ValueError(
+                    f"Method '{self.method}' at '{stage.point}' returned {what} for image {image}. select must return "
+                    "distinct indices in 0..ctx.images[j].num_tokens - 1; the output of this call is not valid."
+                )
 
     def _apply(self, st, stage: Stage, ctx: PruneContext, selection: Selection, seconds: float, current: _Group):
         """Record the selection and build the group of rows the following layers hold."""
         alive = current.inverse(st.orig_len) >= 0
         kept_now = []
+        identity = _drops_nothing(stage, ctx)
         for j, (layout, image) in enumerate(zip(st.images, ctx.images, strict=True)):
-            local = selection.keep[j].to(image.original_indices.device)
+            local = selection.keep[j].to(device=image.original_indices.device, dtype=torch.long)
             # Row counts are tensor shapes, known on the host: the new width needs no device sync.
             st.alive[layout.sample] -= st.kept[j].numel() - local.numel()
             order = torch.argsort(local)
             local = local[order]
+            if local.numel() and not identity:
+                # Checked on the device and read at the end of the call (no sync per stage); the clamp keeps a bad
+                # index from faulting the device before then.
+                bad_range = (local[0] < 0) | (local[-1] >= image.num_tokens)
+                st.checks.append((stage, j, torch.stack((bad_range, (local[1:] == local[:-1]).any()))))
+                local = local.clamp(0, max(image.num_tokens - 1, 0))
             if selection.values is not None and selection.values[j] is not None:
                 selection.values[j] = selection.values[j][order]
             selection.keep[j] = local
@@ -679,7 +824,7 @@ class Adapter(ABC):
             st.kept[j] = st.kept[j][local]
             alive[layout.sample].index_fill_(0, layout.positions[st.kept[j]], True)
             kept_now.append(st.kept[j])
-        st.stats.stages.append(StageStats(stage.point, stage.layer, kept_now, seconds))
+        st.stats.stages.append(StageStats(stage.point, kept_now, seconds))
         length = alive.shape[1]
         positions = torch.arange(length, device=alive.device).expand_as(alive)
         key = torch.where(alive, positions, torch.full_like(positions, -1))
@@ -714,7 +859,7 @@ class Adapter(ABC):
             current = self._group_of(st, stage.layer)
             ctx = self._context(st, stage, current, features=None, hidden=None)
             ctx.cache = cache
-            selection, seconds = self._select(ctx)
+            selection, seconds = self._select(stage, ctx)
             group = self._apply(st, stage, ctx, selection, seconds, current)
             rows = current.inverse(st.orig_len).gather(1, group.index).clamp(min=0)
             layers = cache.layers[stage.layer:]

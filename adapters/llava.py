@@ -47,6 +47,8 @@ class LlavaAdapter(Adapter):
         # Two syncs for the whole batch (the counts, then every position at once), not one nonzero per sample.
         counts = visual_mask.sum(1).tolist()
         for sample, positions in enumerate(visual_mask.nonzero()[:, 1].split(counts)):
+            if positions.numel() == 0:
+                continue  # a text-only prompt of the batch (split would give it one empty "image")
             if positions.numel() % per_image:
                 raise ValueError(
                     f"Sample {sample} has {positions.numel()} image tokens, not a multiple of the {per_image} tokens "

@@ -128,8 +128,8 @@ def compare(model: Any, processor: Any, question: str, method: str, keep: float,
         # The tokens that entered the LLM: the last stage before it, or the first in-LLM stage's survivors.
         kept = stats.stages[0].kept[0]
         overlay = kept_overlay(seen_image(processor, inputs, image), kept, grid)
-        if stats.stages[0].point in ("llm", "decode"):
-            notes.append(f"The overlay shows the tokens kept at {stats.stages[0].point} layer "
+        if stats.stages[0].point.kind in ("llm", "decode"):
+            notes.append(f"The overlay shows the tokens kept at {stats.stages[0].point.kind} layer "
                          f"{stats.stages[0].layer}.")
     return DemoResult(answers, rows, overlay, notes)
 

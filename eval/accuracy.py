@@ -119,7 +119,7 @@ class ObjectOracle(Pruner):
         self.coverage: list[tuple[Tensor, Tensor]] = []
 
     def plan(self, num_layers: int) -> list[Stage]:
-        return [Stage("projector", 0, self.config.keep)]
+        return [Stage("projector")]
 
     def prepare(self, items: list) -> None:
         """Per-token (object, asked) coverage for the next batch, in the adapter's image order."""
@@ -208,7 +208,7 @@ class ClsTop(Pruner):
         self.kept: list[Tensor] = []
 
     def plan(self, num_layers: int) -> list[Stage]:
-        return [Stage("projector", 0, self.config.keep)]
+        return [Stage("projector")]
 
     def select(self, ctx: PruneContext) -> Selection:
         keep = []

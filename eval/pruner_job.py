@@ -43,6 +43,7 @@ def parse_spec(spec: str) -> tuple[str, dict]:
 
 def plans_differ(spec: str, keep: float, num_layers: int) -> bool:
     """Whether ``spec`` drops differently under the two budgets on an LLM of ``num_layers`` layers."""
+    from vtprune.budget import size_plan
     from vtprune.registry import get_pruner_class
 
     method, options = parse_spec(spec)
@@ -50,7 +51,7 @@ def plans_differ(spec: str, keep: float, num_layers: int) -> bool:
     plans = []
     for budget in BUDGETS:
         try:
-            plans.append(cls(cls.config_cls(keep=keep, budget=budget, **options)).plan(num_layers))
+            plans.append(size_plan(cls(cls.config_cls(keep=keep, budget=budget, **options)), num_layers))
         except ValueError:
             return True  # infeasible under one budget: run both so the error is recorded
     return plans[0] != plans[1]

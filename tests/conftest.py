@@ -537,6 +537,25 @@ class Qwen3VLFactory(_QwenFactory):
         return _build(Qwen3VLForConditionalGeneration, config, attn)
 
 
+# The concrete insertion points the matrix runs a where= method at, one per entry of Pruner.points (K = 2, the
+# middle of the 4-layer test LLMs; llm:0 as well, which drops at the LLM entry like the points before it).
+MATRIX_POINTS = {
+    "encoder": ("encoder",), "projector": ("projector",), "llm:K": ("llm:0", "llm:2"), "decode:K": ("decode:2",),
+}
+
+
+def matrix_points(method: str) -> list[str | None]:
+    """The where= values the matrix runs ``method`` at: the concrete points of its ``Pruner.points`` for a method
+    that takes where= (a ``WhereConfig``); [None] (its own options' stages) for the others."""
+    from vtprune.config import WhereConfig
+    from vtprune.registry import get_pruner_class
+
+    cls = get_pruner_class(method)
+    if not issubclass(cls.config_cls, WhereConfig):
+        return [None]
+    return [where for pattern in cls.points for where in MATRIX_POINTS[pattern]]
+
+
 FACTORIES = {
     factory.model_type: factory
     for factory in (

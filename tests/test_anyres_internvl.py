@@ -13,7 +13,7 @@ from test_equivalence import _dropped, _llm_inputs, _masked_reference
 
 import vtprune
 from vtprune.budget import kept_count
-from vtprune.config import parse_where
+from vtprune.point import Point
 
 ANYRES = ["llava_next", "llava_onevision"]
 FAMILIES = ["internvl", *ANYRES]
@@ -67,7 +67,7 @@ def test_newline_tokens_are_never_dropped(family, prompt, where):
     factory = FACTORIES[family]
     model = factory.build("sdpa")
     inputs = factory.inputs(model, [prompt], seed=5)
-    layer = parse_where(where)[1]
+    layer = Point.parse(where).layer
     seen = {}
     with torch.no_grad():
         vtprune.wrap(model, "uniform", keep=0.1, where=where)
@@ -137,7 +137,8 @@ def test_multi_image_prompts_equal_masked_reference(family, where):
     reference_model = factory.build("eager")
     prompts = [Prompt(images=3, prefix=2, videos=1), Prompt(images=1, prefix=4), Prompt(images=2, suffix=1)]
     inputs = factory.inputs(model, prompts, seed=6)
-    point, layer = parse_where(where)
+    point = Point.parse(where)
+    layer = point.layer
     kwargs = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
     with torch.no_grad():
         vtprune.wrap(model, "random", keep=0.3, where=where)
@@ -145,7 +146,8 @@ def test_multi_image_prompts_equal_masked_reference(family, where):
         stats = model.vtprune.last_stats
         entries = [len(p) for p in factory.image_positions(model, inputs)]
         assert [len(s["stages"][-1]["kept"]) for s in stats["samples"]] == entries
-        handles = _masked_reference(reference_model, layer, _dropped(factory, model, inputs, stats), point == "decode")
+        dropped = _dropped(factory, model, inputs, stats)
+        handles = _masked_reference(reference_model, layer, dropped, point.kind == "decode")
         ref = reference_model.generate(**inputs, **kwargs)
         for handle in handles:
             handle.remove()

@@ -20,6 +20,7 @@ from torch import nn
 import vtprune
 from vtprune.budget import kept_count
 from vtprune.config import CONFIG_VERSION, PrunerConfig
+from vtprune.pruners.base import Pruner
 from vtprune.pruners.random import RandomConfig
 from vtprune.pruners.uniform import UniformConfig
 from vtprune.registry import ADAPTERS, PRUNERS, register_adapter, register_pruner
@@ -270,13 +271,21 @@ def test_duplicate_pruner_name_raises_and_leaves_registry_unchanged():
     vtprune.list_methods()  # load the built-in methods first, so that "uniform" is taken
     before = dict(PRUNERS)
 
-    class Dummy:
-        pass
+    @dataclasses.dataclass(frozen=True)
+    class DummyConfig(PrunerConfig):
+        method = "uniform"
+
+    class Dummy(Pruner):
+        config_cls = DummyConfig
+        points = ("projector",)
+
+        def select(self, ctx):
+            raise AssertionError
 
     with pytest.raises(ValueError, match="'uniform' is already registered"):
-        register_pruner("uniform")(Dummy)
+        register_pruner(Dummy)
     assert PRUNERS == before
-    assert not hasattr(Dummy, "name")
+    assert Dummy.name == ""
 
 
 def test_duplicate_adapter_raises_and_leaves_registry_unchanged():
@@ -292,15 +301,19 @@ def test_duplicate_adapter_raises_and_leaves_registry_unchanged():
 
 
 @pytest.mark.parametrize(
-    "register", ["register_pruner('uniform')", "register_adapter('llava')"], ids=["pruner", "adapter"]
+    "register", ["register_pruner", "register_adapter('llava')"], ids=["pruner", "adapter"]
 )
 def test_duplicate_of_a_builtin_raises_in_a_fresh_process(register):
     # Registering before anything has loaded the built-ins must still see them; otherwise the user's class
     # silently takes the built-in's name and the built-in's own registration breaks the package afterwards.
     code = (
-        "import vtprune\n"
+        "import dataclasses, vtprune\n"
+        "@dataclasses.dataclass(frozen=True)\n"
+        "class DummyConfig(vtprune.PrunerConfig):\n"
+        "    method = 'uniform'\n"
         "class Dummy:\n"
-        "    pass\n"
+        "    config_cls = DummyConfig\n"
+        "    points = ('projector',)\n"
         "try:\n"
         f"    vtprune.{register}(Dummy)\n"
         "except ValueError:\n"

@@ -55,6 +55,9 @@ def test_the_example_method_keeps_the_largest_norm_tokens(example_method) -> Non
     assert model.vtprune.last_stats["samples"][1]["tokens_per_layer"][2] == 2 * budget
 
 
-def test_the_example_config_rejects_a_point_it_does_not_support(example_method) -> None:
-    with pytest.raises(ValueError, match="largest-norm acts at"):
-        example_method["LargestNormConfig"](keep=0.5, where="encoder")
+@pytest.mark.parametrize("where", ["encoder", "decode:2"])
+def test_wrap_refuses_a_point_the_example_does_not_list(example_method, where) -> None:
+    model = FACTORIES["llava"].build("sdpa")
+    with pytest.raises(ValueError, match=r"Method 'largest-norm' does not act at '" + where + "'.*projector, llm:K"):
+        vtprune.wrap(model, "largest-norm", keep=0.5, where=where)
+    assert not vtprune.is_wrapped(model)

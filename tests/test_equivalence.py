@@ -13,32 +13,21 @@ A pruned model must compute exactly what the unpruned model computes when the dr
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
-from conftest import FACTORIES, Prompt
+from conftest import FACTORIES, Prompt, matrix_points
 
 import vtprune
-from vtprune.budget import kept_count, stage_fraction
-from vtprune.config import parse_where
-from vtprune.registry import get_pruner_class
+from vtprune.budget import kept_count, size_plan, stage_fraction
+from vtprune.point import Point
 
 ATOL = 2e-5
-
-
-def _points(method: str) -> list[str]:
-    config_cls = get_pruner_class(method).config_cls
-    if "where" in {f.name for f in dataclasses.fields(config_cls)}:
-        return ["encoder", "projector", "llm:0", "llm:2", "decode:2"]
-    return [None]
-
 
 CASES = [
     (method, family, where)
     for method in vtprune.list_methods()
     for family in vtprune.list_models()
-    for where in _points(method)
+    for where in matrix_points(method)
 ]
 
 
@@ -213,7 +202,8 @@ def test_pruning_before_llm_equals_feeding_kept_features(case):
         llm_inputs = _llm_inputs(model, inputs)
         vtprune.wrap(model, method, keep=0.25, **_options(where))
         # A method that also prunes inside the LLM is compared on the sequence entering its first stage there.
-        inside = [s.layer for s in model.vtprune.pruner.plan(len(layers)) if s.point == "llm" and s.layer > 0]
+        plan = size_plan(model.vtprune.pruner, len(layers))
+        inside = [s.layer for s in plan if s.point.kind == "llm" and s.layer > 0]
         if inside:
             seen, hook = _layer_inputs(layers[inside[0]])
         pruned = model(**inputs).logits
@@ -274,6 +264,33 @@ def test_batch_equals_each_prompt_alone(case):
             assert torch.equal(alone_tokens[0], tokens[b])
 
 
+def _without_empty_media(inputs: dict) -> dict:
+    """A text-only prompt's inputs as a processor gives them: no (empty) pixel or grid tensors."""
+    media = ("pixel_values", "pixel_values_videos", "image_sizes", "image_grid_thw", "video_grid_thw")
+    return {k: v for k, v in inputs.items() if not (k in media and v.shape[0] == 0)}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[2] in ("projector", "llm:2", None)], ids=_case_id)
+def test_batch_mixing_image_and_text_only_prompts_equals_each_prompt_alone(case):
+    method, family, where = case
+    factory = FACTORIES[family]
+    model = factory.build("sdpa")
+    prompts = [Prompt(images=1, prefix=2), Prompt(images=0, prefix=5), Prompt(images=2, prefix=1)]
+    batch = factory.inputs(model, prompts, seed=11)
+    with torch.no_grad():
+        vtprune.wrap(model, method, keep=0.25, **_options(where))
+        tokens, logits = _greedy(model, batch, steps=3)
+        stats = model.vtprune.last_stats["samples"]
+        assert stats[1]["visual_tokens"] == 0 and set(stats[1]["tokens_per_layer"]) == {0}
+        for b in range(len(prompts)):
+            alone = _without_empty_media(factory.sample_inputs(batch, prompts, b))
+            alone_tokens, alone_logits = _greedy(model, alone, steps=3)
+            # A prompt alone stops at its end-of-sequence token; in the batch its row goes on with padding.
+            steps = alone_tokens.shape[1]
+            torch.testing.assert_close(alone_logits[0], logits[b, :steps], atol=1e-4, rtol=0)
+            assert torch.equal(alone_tokens[0], tokens[b, :steps])
+
+
 @pytest.mark.parametrize("budget", ["input", "average"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 def test_kept_count_follows_budget(case, budget):
@@ -290,19 +307,19 @@ def test_kept_count_follows_budget(case, budget):
         model.generate(**inputs, max_new_tokens=2, do_sample=False, pad_token_id=0)
     stats = model.vtprune.last_stats
     # Stages in the order the adapter applies them: prefill stages by layer, then decode-time policies.
-    plan = sorted(model.vtprune.pruner.plan(num_layers), key=lambda s: (s.point == "decode", s.layer))
+    plan = sorted(size_plan(model.vtprune.pruner, num_layers), key=lambda s: (s.point.kind == "decode", s.layer))
     if where:
-        point, layer = parse_where(where)
-        assert [(s.point, s.layer, s.fraction) for s in plan] == [
-            (point, layer, stage_fraction(keep, budget, layer, num_layers))
-        ]
+        point = Point.parse(where)
+        expected = stage_fraction(keep, budget, point.layer, num_layers)
+        assert [(s.point, s.fraction) for s in plan] == [(point, expected)]
+    assert all(s.point.pattern in model.vtprune.pruner.points for s in plan)
     for sample, positions in zip(stats["samples"], factory.image_positions(model, inputs), strict=True):
         sizes = [p.numel() for p in positions]
         expected_per_layer = [sum(sizes)] * num_layers
         present, adapted = sizes, False
         assert len(sample["stages"]) == len(plan)
         for stage, record in zip(plan, sample["stages"], strict=True):
-            assert (record["point"], record["layer"]) == (stage.point, stage.layer)
+            assert (record["point"], record["layer"]) == (stage.point.kind, stage.layer)
             expected = [min(p, kept_count(stage.fraction, n)) for p, n in zip(present, sizes, strict=True)]
             counts = [len(k) for k in record["kept"]]
             if stage.adaptive:

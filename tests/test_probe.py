@@ -10,6 +10,7 @@ import torch
 from conftest import FACTORIES, Prompt
 
 from vtprune.config import PrunerConfig
+from vtprune.point import PATTERNS, Point
 from vtprune.pruners.base import Pruner
 from vtprune.registry import get_adapter_class
 from vtprune.state import PruneContext, Selection, Stage
@@ -24,15 +25,17 @@ class _ProbeRecorder(Pruner):
     """Keeps everything at layer K and records the probe's rows for the last and first text queries."""
 
     config_cls = _ProbeConfig
+    points = PATTERNS
 
     def __init__(self, layer: int) -> None:
-        super().__init__(_ProbeConfig(keep=1.0))
+        super().__init__(_ProbeConfig(keep=0.5))
         self.layer = layer
         self.rows = None
         self.queries = None
 
     def plan(self, num_layers: int) -> list[Stage]:
-        return [Stage("llm", self.layer, 1.0)]
+        # Adaptive with no cap: the engine calls select although it keeps everything.
+        return [Stage(Point("llm", self.layer), 1.0, adaptive=True)]
 
     def select(self, ctx: PruneContext) -> Selection:
         last = ctx.attention_mask.shape[1] - 1

@@ -51,7 +51,7 @@ def test_first_bottleneck_is_the_uniform_lattice_on_a_full_grid():
     image = ImageTokens(0, 0, (24, 24), torch.arange(576), None, None, 64)
     from vtprune.state import PruneContext
 
-    ctx = PruneContext(point="llm", layer=2, num_layers=32, images=[image])
+    ctx = PruneContext(point="llm:2", num_layers=32, images=[image])
     kept = ADSCPruner(ADSCConfig(keep=0.11)).select(ctx).keep[0]
     assert torch.equal(kept.sort().values, lattice(24, 24, 64).sort().values)
     rows, cols = kept // 24, kept % 24

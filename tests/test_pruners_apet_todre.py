@@ -11,6 +11,7 @@ from conftest import FACTORIES, Prompt
 from test_equivalence import _dropped, _kept_llm_inputs, _llm_inputs, _written_rows, assert_equals_staged_reference
 
 import vtprune
+from vtprune.budget import size_plan
 from vtprune.pruners.apet import (
     ApETConfig,
     ApETPruner,
@@ -130,7 +131,7 @@ def _image(n: int, budget: int, features=None, sample: int = 0, positions=None, 
 def test_apet_select_keeps_everything_unchanged_when_nothing_is_dropped():
     x = torch.randn(12, 8)
     pruner = ApETPruner(ApETConfig())
-    selection = pruner.select(PruneContext("projector", 0, 4, [_image(12, 12, x), _image(12, 12, x, index=1)]))
+    selection = pruner.select(PruneContext("projector", 4, [_image(12, 12, x), _image(12, 12, x, index=1)]))
     assert [k.tolist() for k in selection.keep] == [list(range(12))] * 2
     assert selection.values is None
 
@@ -139,7 +140,7 @@ def test_apet_select_batches_images_and_seeds_the_start():
     gen = torch.Generator().manual_seed(1)
     images = [_image(30, 12, torch.randn(30, 32, generator=gen), index=i) for i in range(2)]
     images.append(_image(20, 6, torch.randn(20, 32, generator=gen), index=2))
-    ctx = PruneContext("projector", 0, 4, images)
+    ctx = PruneContext("projector", 4, images)
     selection = ApETPruner(ApETConfig()).select(ctx)
     for image, kept, values in zip(images, selection.keep, selection.values, strict=True):
         x = image.features[None]
@@ -152,16 +153,16 @@ def test_apet_select_batches_images_and_seeds_the_start():
 
 def test_apet_plan_follows_the_official_split():
     # 32 layers: keep 64/576 on average -> 96 before the LLM, 32 from layer 16 (the released 96/32 scripts).
-    stages = ApETPruner(ApETConfig(keep=64 / 576, budget="average")).plan(32)
-    assert [(s.point, s.layer) for s in stages] == [("projector", 0), ("llm", 16)]
+    stages = size_plan(ApETPruner(ApETConfig(keep=64 / 576, budget="average")), 32)
+    assert [str(s.point) for s in stages] == ["projector", "llm:16"]
     assert [round(s.fraction * 576) for s in stages] == [96, 32]
-    stages = ApETPruner(ApETConfig(keep=192 / 576, budget="average", stage1_point="encoder")).plan(32)
-    assert [(s.point, round(s.fraction * 576)) for s in stages] == [("encoder", 288), ("llm", 96)]
+    stages = size_plan(ApETPruner(ApETConfig(keep=192 / 576, budget="average", stage1_point="encoder")), 32)
+    assert [(str(s.point), round(s.fraction * 576)) for s in stages] == [("encoder", 288), ("llm:16", 96)]
     # K1 capped at n: the second step takes the rest of the mean.
-    first, second = ApETPruner(ApETConfig(keep=0.75, budget="average")).plan(4)
+    first, second = size_plan(ApETPruner(ApETConfig(keep=0.75, budget="average")), 4)
     assert (first.fraction, second.layer, second.fraction) == (1.0, 2, 0.5)
-    assert [(s.point, s.layer, s.fraction) for s in ApETPruner(ApETConfig(keep=0.3)).plan(32)] == [
-        ("projector", 0, 0.3)
+    assert [(str(s.point), s.fraction) for s in size_plan(ApETPruner(ApETConfig(keep=0.3)), 32)] == [
+        ("projector", 0.3)
     ]
 
 
@@ -241,7 +242,7 @@ def test_todre_stage_one_keeps_the_diverse_tokens_per_image():
     images = [_image(20, 5, torch.randn(20, 8, generator=gen), index=i) for i in range(2)]
     for selection in ("maxsum", "kcenter"):
         config = ToDREConfig(selection=selection, pivot="center")
-        kept = ToDREPruner(config).select(PruneContext("projector", 0, 4, images)).keep
+        kept = ToDREPruner(config).select(PruneContext("projector", 4, images)).keep
         pick = max_sum_diversify if selection == "maxsum" else k_center
         for image, k in zip(images, kept, strict=True):
             x = F.normalize(image.features, dim=-1)[None]
@@ -280,7 +281,7 @@ def _relevance_context(layouts, text_to_visual, visual_to_text):
         return out
 
     ctx = PruneContext(
-        "llm", 3, 4, images, attention_mask=torch.ones(len(layouts), length), text_mask=torch.stack(text_mask),
+        "llm:3", 4, images, attention_mask=torch.ones(len(layouts), length), text_mask=torch.stack(text_mask),
         attention_rows=rows,
     )
     return ctx, asked
@@ -320,12 +321,15 @@ def test_relevance_ratios_formula():
 
 
 def test_todre_plan():
-    assert [(s.point, s.layer, s.adaptive) for s in ToDREPruner(ToDREConfig(keep=0.1)).plan(32)] == [
-        ("projector", 0, False), ("llm", 29, True)
+    assert [(str(s.point), s.fraction, s.adaptive) for s in size_plan(ToDREPruner(ToDREConfig(keep=0.1)), 32)] == [
+        ("projector", 0.1, False), ("llm:29", 1.0, True)
     ]
     assert ToDREPruner(ToDREConfig(keep=0.1)).plan(4)[1].layer == 3
     assert ToDREPruner(ToDREConfig(keep=0.1)).plan(28)[1].layer == 25
-    assert len(ToDREPruner(ToDREConfig(keep=1.0)).plan(32)) == 1
+    # keep=1 is the engine's identity: no stage drops and the relevance stage is no longer adaptive.
+    assert [(s.fraction, s.adaptive) for s in size_plan(ToDREPruner(ToDREConfig(keep=1.0)), 32)] == [
+        (1.0, False), (1.0, False)
+    ]
     assert len(ToDREPruner(ToDREConfig(keep=0.1, tau=0.0)).plan(32)) == 1
     assert ToDREConfig.from_dict(ToDREConfig(keep=0.3, selection="kcenter").to_dict()) == ToDREConfig(
         keep=0.3, selection="kcenter"

@@ -21,6 +21,7 @@ from conftest import FACTORIES, Prompt
 from transformers import Qwen2VLForConditionalGeneration
 
 import vtprune
+from vtprune.point import PATTERNS, Point
 from vtprune.registry import get_adapter_class
 from vtprune.state import Selection, Stage
 
@@ -32,11 +33,14 @@ CACHE = "cache" if "cache" in inspect.signature(Qwen2VLForConditionalGeneration.
 
 
 class Recorder:
-    """A pruner stand-in that keeps every token (or ``keep``) at one stage and records the contexts it saw."""
+    """A pruner stand-in that keeps every token (or ``keep``) at one stage and records the contexts it saw (an
+    adaptive stage with no cap: the engine calls it although it may keep everything)."""
+
+    points = PATTERNS
 
     def __init__(self, point: str, layer: int = 0, keep=None, values: bool = False) -> None:
-        self.stage = Stage(point, layer, 1.0)
-        self.config = types.SimpleNamespace(keep=1.0)
+        self.stage = Stage(Point(point, layer), 1.0, adaptive=True)
+        self.config = types.SimpleNamespace(keep=0.5, budget="input", method="recorder")
         self.keep, self.values = keep, values
         self.contexts = []
 

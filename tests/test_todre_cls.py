@@ -14,6 +14,7 @@ from conftest import FACTORIES, Prompt
 
 import vtprune
 from vtprune.config import PrunerConfig
+from vtprune.point import PATTERNS
 from vtprune.pruners import todre
 from vtprune.pruners.base import Pruner
 from vtprune.registry import get_adapter_class
@@ -33,16 +34,17 @@ class _Spy(Pruner):
     """Keeps everything at one point and records the context's images."""
 
     config_cls = _SpyConfig
+    points = PATTERNS
 
     def __init__(self, where: str = "projector", needs: frozenset[str] = frozenset()) -> None:
-        super().__init__(_SpyConfig(keep=1.0))
+        super().__init__(_SpyConfig(keep=0.5))
         self.where = where
         self.needs = needs
         self.images: list[ImageTokens] = []
 
     def plan(self, num_layers: int) -> list[Stage]:
-        point, _, layer = self.where.partition(":")
-        return [Stage(point, int(layer or 0), 1.0)]
+        # Adaptive with no cap: the engine calls select although it keeps everything.
+        return [Stage(self.where, 1.0, adaptive=True)]
 
     def select(self, ctx: PruneContext) -> Selection:
         self.images = ctx.images
@@ -122,10 +124,10 @@ class _EveryOtherThenSpy(_Spy):
     """Keeps every other token at the encoder point, then records the projector point's images."""
 
     def plan(self, num_layers: int) -> list[Stage]:
-        return [Stage("encoder", 0, 0.5), Stage("projector", 0, 0.5)]
+        return [Stage("encoder", 0.5), Stage("projector", 0.5, adaptive=True)]
 
     def select(self, ctx: PruneContext) -> Selection:
-        if ctx.point == "encoder":
+        if ctx.point.kind == "encoder":
             self.encoder_images = ctx.images
             return Selection(keep=[torch.arange(0, image.num_tokens, 2) for image in ctx.images])
         return super().select(ctx)
@@ -170,7 +172,7 @@ def test_todre_starts_from_the_most_cls_attended_global_view_token(family, monke
     stats = model.vtprune.last_stats
     vtprune.unwrap(model)
     ctx = contexts[0]
-    assert ctx.point == "projector"
+    assert str(ctx.point) == "projector"
     got = {j: int(pivot[row]) for group, pivot in zip(ctx.image_groups(), pivots, strict=True)
            for row, j in enumerate(group)}
     kept = [k for sample in stats["samples"] for k in sample["stages"][0]["kept"]]

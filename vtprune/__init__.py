@@ -11,7 +11,8 @@ Importing vtprune loads neither triton, lmms-eval, gradio, peft nor accelerate, 
 
 from vtprune.api import VTPruneHandle, unwrap, wrap
 from vtprune.api import is_wrapped as is_wrapped
-from vtprune.config import PrunerConfig
+from vtprune.config import PrunerConfig, WhereConfig
+from vtprune.point import Point
 from vtprune.registry import list_methods, list_models, register_adapter, register_pruner
 from vtprune.state import ImageTokens, PruneContext, Selection, Stage
 from vtprune.training import TrainConfig, TrainResult, train
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ImageTokens",
+    "Point",
     "PruneContext",
     "PrunerConfig",
     "Selection",
@@ -34,5 +36,6 @@ __all__ = [
     "register_pruner",
     "train",
     "unwrap",
+    "WhereConfig",
     "wrap",
 ]

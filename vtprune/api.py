@@ -30,6 +30,15 @@ class VTPruneHandle:
     def __repr__(self) -> str:
         return f"VTPruneHandle({self.config!r}, adapter={type(self.adapter).__name__})"
 
+    def __deepcopy__(self, memo: dict) -> VTPruneHandle:
+        # A copy of the model would keep hooks that call into this model's adapter (its captured features, its
+        # call state): a silent wrong answer. Refuse it, with the way to get a wrapped copy.
+        raise TypeError(
+            "copy.deepcopy of a vtprune-wrapped model is not supported: the copy's hooks would still run this model's "
+            "adapter. Copy the unwrapped model and wrap both: config = model.vtprune.config; vtprune.unwrap(model); "
+            "twin = copy.deepcopy(model); vtprune.wrap(model, config); vtprune.wrap(twin, config)."
+        )
+
 
 def resolve_config(method: str | PrunerConfig | dict | os.PathLike, keep: float | None, options: dict) -> PrunerConfig:
     """Turn the forms ``wrap`` accepts (name, config object, dict, path to a saved JSON) into one config."""

@@ -1,5 +1,8 @@
 """Turn a user's ``keep`` into token counts, under the two budget conventions of the literature.
 
+The engine owns this for every method: a pruner's ``plan`` names its stages, ``size_plan`` gives each one its
+fraction, and ``stage_budget`` turns a fraction into the count a stage keeps of one image.
+
 ``budget="input"``: ``keep`` is the fraction of visual tokens left right after the drop (entering LLM layer 0 for
 pruning before the LLM, entering layer K for ``llm:K``). ``budget="average"``: ``keep`` is the mean fraction over
 all L decoder layers, so a drop at layer K must keep ``(keep * L - K) / (L - K)`` to compensate for the K layers
@@ -7,6 +10,10 @@ that still see every token (METHODS.md §0.2).
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+from vtprune.state import Stage
 
 
 def stage_fraction(keep: float, budget: str, layer: int, num_layers: int) -> float:
@@ -26,3 +33,28 @@ def stage_fraction(keep: float, budget: str, layer: int, num_layers: int) -> flo
 def kept_count(fraction: float, num_tokens: int) -> int:
     """Tokens kept out of ``num_tokens``: rounded, at least one, at most all."""
     return max(1, min(num_tokens, round(fraction * num_tokens)))
+
+
+def stage_budget(stage: Stage, num_tokens: int, present: int) -> int:
+    """Tokens a stage keeps of an image of ``num_tokens`` original tokens of which ``present`` are still there."""
+    return min(present, kept_count(stage.fraction, num_tokens))
+
+
+def size_plan(pruner: Any, num_layers: int) -> list[Stage]:
+    """The pruner's plan for an LLM of ``num_layers`` decoder layers, every stage with its fraction.
+
+    A stage the method left unsized (``fraction=None``) gets ``stage_fraction`` of the config's ``keep`` and
+    ``budget`` at its layer. At keep=1 every stage keeps everything and none is adaptive: the exact identity for
+    every method, with no method code involved (the engine never calls ``select`` at a stage that drops nothing).
+    """
+    keep, budget = pruner.config.keep, pruner.config.budget
+    sized = []
+    for stage in pruner.plan(num_layers):
+        stage.point.check_depth(num_layers)
+        if keep >= 1.0:
+            sized.append(Stage(stage.point, 1.0))
+        elif stage.fraction is None:
+            sized.append(Stage(stage.point, stage_fraction(keep, budget, stage.layer, num_layers), stage.adaptive))
+        else:
+            sized.append(stage)
+    return sized

@@ -4,29 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from vtprune.point import Point
+
 CONFIG_VERSION = 1
 BUDGETS = ("input", "average")
-_WHERE = re.compile(r"^(encoder|projector|llm:(\d+)|decode:(\d+))$")
-
-
-def parse_where(where: str) -> tuple[str, int]:
-    """Split an insertion point into (stage, layer): "projector" -> ("projector", 0), "llm:2" -> ("llm", 2)."""
-    match = _WHERE.match(where) if isinstance(where, str) else None
-    if match is None:
-        raise ValueError(
-            f"Invalid insertion point {where!r}. Use 'encoder', 'projector', 'llm:K' (prune at the input of decoder "
-            "layer K) or 'decode:K' (evict visual entries of the KV cache of layers >= K after prefill)."
-        )
-    if match.group(2) is not None:
-        return "llm", int(match.group(2))
-    if match.group(3) is not None:
-        return "decode", int(match.group(3))
-    return match.group(1), 0
 
 
 def option_value(text: str) -> Any:
@@ -113,5 +98,24 @@ def check_options(config_cls: type, options: dict[str, Any]) -> None:
             )
 
 
-def where_field(default: str = "projector") -> Any:
-    return field(default=default, metadata={"help": "insertion point: encoder | projector | llm:K | decode:K"})
+@dataclass(frozen=True)
+class WhereConfig(PrunerConfig):
+    """Options of a method that drops once, at one insertion point the user picks among its ``Pruner.points``.
+
+    Attributes:
+        where: insertion point: "encoder", "projector", "llm:K" (input of decoder layer K) or "decode:K" (KV cache
+            of layers >= K after prefill). Saved as this string; ``point`` is the parsed ``Point``.
+    """
+
+    where: str = "projector"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.where, Point):
+            object.__setattr__(self, "where", str(self.where))
+        # Parsed once, here; the stage is built from the parsed point.
+        object.__setattr__(self, "_point", Point.parse(self.where))
+
+    @property
+    def point(self) -> Point:
+        return self._point

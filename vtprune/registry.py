@@ -17,18 +17,32 @@ def _suggest(name: str, known: list[str]) -> str:
     return f" Did you mean '{close[0]}'?" if close else ""
 
 
-def register_pruner(name: str) -> Callable[[T], T]:
-    """Class decorator that registers a pruner under ``name`` (the ``method=`` a user passes to ``wrap``)."""
+def register_pruner(cls: T) -> T:
+    """Class decorator that registers a pruner under its config's ``method`` (the ``method=`` a user passes to
+    ``wrap``), so that the name is written once: ``@register_pruner`` above ``class MyPruner(Pruner)`` whose
+    ``config_cls.method = "my-method"``."""
+    from vtprune.config import PrunerConfig
+    from vtprune.point import check_patterns
 
-    def decorator(cls: T) -> T:
-        _load_builtins()  # so that a user's class can never take a built-in name before the built-ins load
-        if name in PRUNERS:
-            raise ValueError(f"A pruner named '{name}' is already registered ({PRUNERS[name].__qualname__}).")
-        cls.name = name
-        PRUNERS[name] = cls
-        return cls
-
-    return decorator
+    if not isinstance(cls, type):
+        raise TypeError(
+            f"register_pruner takes the class itself (@register_pruner, no arguments), got {cls!r}: the method's "
+            "name is its config's `method`, written once there."
+        )
+    config_cls = getattr(cls, "config_cls", None)
+    if not (isinstance(config_cls, type) and issubclass(config_cls, PrunerConfig)) or not config_cls.method:
+        raise ValueError(
+            f"{cls.__qualname__}.config_cls must be a PrunerConfig subclass with a non-empty `method` (the name "
+            "users pass to wrap)."
+        )
+    check_patterns(getattr(cls, "points", ()), cls.__qualname__)
+    _load_builtins()  # so that a user's class can never take a built-in name before the built-ins load
+    name = config_cls.method
+    if name in PRUNERS:
+        raise ValueError(f"A pruner named '{name}' is already registered ({PRUNERS[name].__qualname__}).")
+    cls.name = name
+    PRUNERS[name] = cls
+    return cls
 
 
 def register_adapter(*model_types: str) -> Callable[[T], T]:

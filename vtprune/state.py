@@ -9,24 +9,37 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from vtprune.point import Point
+
 
 @dataclass(frozen=True)
 class Stage:
     """One place where a pruner drops tokens.
 
     Attributes:
-        point: "encoder", "projector", "llm" (input of decoder layer ``layer``) or "decode" (KV cache of layers
-            >= ``layer``, after prefill).
-        layer: decoder layer index; 0 for the points before the LLM.
-        fraction: visual tokens left after this stage, as a fraction of the image's original count.
+        point: where (a ``Point``; a string such as "llm:2" is parsed): "encoder", "projector", "llm:K" (input of
+            decoder layer K) or "decode:K" (KV cache of layers >= K, after prefill).
+        fraction: visual tokens left after this stage, as a fraction of the image's original count; None (the
+            default) sizes the stage from the config's ``keep`` and ``budget`` (``vtprune.budget.size_plan``).
         adaptive: the pruner may keep fewer tokens than ``fraction`` says, down to none, depending on the input
             (ToDRE's relevance check); ``fraction`` is then an upper bound and budgets do not count the stage.
     """
 
-    point: str
-    layer: int
-    fraction: float
+    point: Point
+    fraction: float | None = None
     adaptive: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "point", Point.parse(self.point))
+        fraction = self.fraction
+        if fraction is not None and (isinstance(fraction, bool) or not isinstance(fraction, (int, float))
+                                     or not 0.0 < fraction <= 1.0):
+            raise ValueError(f"Stage at '{self.point}': fraction={fraction!r} must be None or in (0, 1].")
+
+    @property
+    def layer(self) -> int:
+        """The decoder layer the stage acts at (0 for the points before the LLM)."""
+        return self.point.layer
 
 
 # Per-image fields an adapter fills only for pruners that list them in ``needs`` (they cost a vision-side hook or
@@ -88,7 +101,7 @@ class PruneContext:
     """Everything a pruner may read at one stage. Pruners talk to the model only through this object.
 
     Attributes:
-        point, layer: the stage (see ``Stage``).
+        point: the stage's insertion point (``Point``: ``point.kind``, ``point.layer``).
         num_layers: decoder layers of the LLM.
         images: one entry per image, batch-major, in prompt order.
         hidden_states: (B, L, D) current hidden states (llm stage), else None.
@@ -101,8 +114,7 @@ class PruneContext:
         cache: the KV cache (decode stage), else None.
     """
 
-    point: str
-    layer: int
+    point: Point
     num_layers: int
     images: list[ImageTokens]
     hidden_states: Tensor | None = None
@@ -118,6 +130,13 @@ class PruneContext:
         if self.text_mask is None:
             return None
         return [row.nonzero().squeeze(1) for row in self.text_mask]
+
+    def __post_init__(self) -> None:
+        self.point = Point.parse(self.point)
+
+    @property
+    def layer(self) -> int:
+        return self.point.layer
 
     @property
     def device(self) -> torch.device:
@@ -152,11 +171,14 @@ class StageStats:
     (encoder-point values after ``project``), in the order of ``kept``; None for an image (or for the whole stage)
     whose kept tokens went on unchanged."""
 
-    point: str
-    layer: int
+    point: Point
     kept: list[Tensor]  # per image: kept indices into the original visual tokens
     seconds: float
     values: list[Tensor | None] | None = None
+
+    @property
+    def layer(self) -> int:
+        return self.point.layer
 
 
 @dataclass
@@ -198,8 +220,8 @@ class CallStats:
 
 def _stage_dict(stage: StageStats, images: list[int]) -> dict[str, Any]:
     out = {
-        "point": stage.point,
-        "layer": stage.layer,
+        "point": stage.point.kind,
+        "layer": stage.point.layer,
         "kept": [stage.kept[j].tolist() for j in images],
         "seconds": stage.seconds,
     }

@@ -38,8 +38,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.budget import kept_count
+from vtprune.budget import kept_count, size_plan
 from vtprune.config import PrunerConfig
+from vtprune.point import Point
 from vtprune.pruners.base import Pruner
 from vtprune.pruners.uniform import spread_all
 from vtprune.registry import register_pruner
@@ -123,7 +124,7 @@ def solve_ratio(keep: float, layers: tuple[int, ...], num_layers: int) -> float:
     return high
 
 
-@register_pruner("adsc")
+@register_pruner
 class ADSCPruner(Pruner):
     config_cls = ADSCConfig
     paper = ("ADSC: Vision Token Reduction via Attention-Driven Self-Compression for Efficient MLLMs "
@@ -144,15 +145,13 @@ class ADSCPruner(Pruner):
 
     def plan(self, num_layers: int) -> list[Stage]:
         layers, keep = self.layers(num_layers), self.config.keep
-        if keep >= 1.0:
-            return [Stage("llm", layers[0], 1.0)]
         if self.config.budget == "average":
             ratio = solve_ratio(keep, layers, num_layers)
             fractions = [ratio ** (m + 1) for m in range(len(layers))]
         else:
             ratio = 0.5 if self.config.ratio is None else self.config.ratio
             fractions = [keep * ratio**m for m in range(len(layers))]
-        return [Stage("llm", layer, fraction) for layer, fraction in zip(layers, fractions, strict=True)]
+        return [Stage(Point("llm", layer), fraction) for layer, fraction in zip(layers, fractions, strict=True)]
 
     def select(self, ctx: PruneContext) -> Selection:
         dropping = [j for j, image in enumerate(ctx.images) if image.budget < image.num_tokens]
@@ -167,7 +166,7 @@ def schedule_counts(config: ADSCConfig, num_layers: int, num_tokens: int) -> lis
     """Visual tokens entering each decoder layer for one image of ``num_tokens`` (for docs and tests)."""
     counts = [num_tokens] * num_layers
     present = num_tokens
-    for stage in ADSCPruner(config).plan(num_layers):
+    for stage in size_plan(ADSCPruner(config), num_layers):
         present = min(present, kept_count(stage.fraction, num_tokens))
         counts[stage.layer:] = [present] * (num_layers - stage.layer)
     return counts

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from vtprune.budget import stage_fraction
 from vtprune.config import PrunerConfig
+from vtprune.point import Point
 from vtprune.pruners.base import Pruner
 from vtprune.registry import register_pruner
 from vtprune.state import PruneContext, Selection, Stage
@@ -203,7 +204,7 @@ def compress(
     return order, torch.cat((merged, injected), dim=1).to(x.dtype)
 
 
-@register_pruner("apet")
+@register_pruner
 class ApETPruner(Pruner):
     config_cls = ApETConfig
     paper = "ApET: Approximation-Error Guided Token Compression for Efficient VLMs (CVPR'26, arXiv 2602.19870)"
@@ -224,7 +225,7 @@ class ApETPruner(Pruner):
     def plan(self, num_layers: int) -> list[Stage]:
         keep, point = self.config.keep, self.config.stage1_point
         if self.config.budget == "input":
-            return [Stage(point, 0, keep)]
+            return [Stage(point)]
         layer = self.llm_layer(num_layers)
         # K1 : K2 = 3 : 1 as in the released scripts, solved so that the mean over the L layers is keep.
         second = keep * num_layers / (2 * layer + num_layers)
@@ -232,17 +233,17 @@ class ApETPruner(Pruner):
         if first > 1.0:
             first = 1.0
             second = stage_fraction(keep, "average", layer, num_layers)
-        return [Stage(point, 0, first), Stage("llm", layer, second)]
+        return [Stage(point, first), Stage(Point("llm", layer), second)]
 
     def select(self, ctx: PruneContext) -> Selection:
-        inside = ctx.point == "llm"
+        inside = ctx.point.kind == "llm"
         lam = self.config.llm_lambda if inside else self.config.stage1_lambda
         keep = [torch.arange(image.num_tokens, device=ctx.device) for image in ctx.images]
         values: list[Tensor | None] = [None] * len(ctx.images)
         for group in ctx.image_groups():
             first = ctx.images[group[0]]
             if first.budget >= first.num_tokens:
-                continue  # nothing dropped: exactly the identity, no basis injection and no merge
+                continue  # images this stage leaves whole go on unchanged: no basis injection and no merge
             x = torch.stack([ctx.images[j].features for j in group])
             start = self._start(ctx, group, x)
             order, merged = compress(

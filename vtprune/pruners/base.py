@@ -1,24 +1,25 @@
-"""The pruner contract: a config class, the stages a method acts at, and ``select``."""
+"""The pruner contract: a config class, the insertion points a method acts at, its stages and ``select``."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
-from vtprune.budget import stage_fraction
-from vtprune.config import PrunerConfig, parse_where
+from vtprune.config import PrunerConfig, WhereConfig
 from vtprune.state import PruneContext, Selection, Stage
 
 
 class Pruner(ABC):
-    """Base class of every method. Subclasses set the class attributes and implement ``plan`` and ``select``.
+    """Base class of every method. Subclasses set the class attributes and implement ``select`` (and ``plan``,
+    unless the method drops once at the ``where=`` of a ``WhereConfig``).
 
     Class attributes (shown by ``vtprune methods`` and README's method table):
-        name: registry name (set by ``register_pruner``).
+        name: registry name, the config's ``method`` (set by ``register_pruner``; never written twice).
         config_cls: the method's frozen config dataclass.
         paper: citation with arXiv id.
         status: "baseline", "faithful", "approximation" or "not yet".
-        points: insertion points the method can act at.
+        points: the insertion points the method can act at, among "encoder", "projector", "llm:K", "decode:K".
+            ``wrap`` refuses a plan with a stage anywhere else (a ``where=`` outside them, for one).
         flash_compatible: whether it works with every attention backend (no ``output_attentions``).
         needs_training: "none", "calibration" or "training".
         needs: optional per-image fields of ``ImageTokens`` the method reads (``state.OPTIONAL_IMAGE_FIELDS``:
@@ -39,21 +40,15 @@ class Pruner(ABC):
             raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}.")
         self.config = config
 
-    @abstractmethod
     def plan(self, num_layers: int) -> list[Stage]:
-        """The stages this method drops at, for an LLM with ``num_layers`` decoder layers."""
+        """The stages this method drops at, for an LLM with ``num_layers`` decoder layers. A stage without a
+        ``fraction`` is sized by the engine from ``keep`` and ``budget`` (``vtprune.budget.size_plan``), which also
+        makes every plan the identity at keep=1. The default: one stage at the ``where=`` of a ``WhereConfig``."""
+        if isinstance(self.config, WhereConfig):
+            return [Stage(self.config.point)]
+        raise NotImplementedError(f"{type(self).__name__} must implement plan(num_layers) (its config has no where=).")
 
     @abstractmethod
     def select(self, ctx: PruneContext) -> Selection:
-        """Choose the tokens to keep at one stage; ``ctx.images[j].budget`` says how many."""
-
-
-def single_stage_plan(config: PrunerConfig, where: str, num_layers: int) -> list[Stage]:
-    """Plan of a method that drops once, at ``where``, sized by the config's keep and budget."""
-    point, layer = parse_where(where)
-    if layer >= num_layers:
-        raise ValueError(
-            f"where={where!r} names decoder layer {layer}, but the model has {num_layers} decoder layers "
-            f"(0..{num_layers - 1})."
-        )
-    return [Stage(point, layer, stage_fraction(config.keep, config.budget, layer, num_layers))]
+        """Choose the tokens to keep at one stage: per image, exactly ``ctx.images[j].budget`` distinct indices into
+        its present tokens (at most that many at an adaptive stage). Never called at a stage that drops nothing."""

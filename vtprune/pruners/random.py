@@ -13,39 +13,34 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtprune.config import PrunerConfig, parse_where
-from vtprune.pruners.base import Pruner, single_stage_plan
+from vtprune.config import WhereConfig
+from vtprune.pruners.base import Pruner
 from vtprune.registry import register_pruner
-from vtprune.state import PruneContext, Selection, Stage
+from vtprune.state import PruneContext, Selection
 
 
 @dataclass(frozen=True)
-class RandomConfig(PrunerConfig):
+class RandomConfig(WhereConfig):
     """Attributes:
     where: insertion point: "encoder", "projector", "llm:K" or "decode:K".
     seed: base seed of the per-image draws.
     """
 
     method = "random"
-    where: str = "projector"
     seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        parse_where(self.where)
         if not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}.")
 
 
-@register_pruner("random")
+@register_pruner
 class RandomPruner(Pruner):
     config_cls = RandomConfig
     paper = "baseline (seeded uniform random subset)"
     status = "baseline"
     points = ("encoder", "projector", "llm:K", "decode:K")
-
-    def plan(self, num_layers: int) -> list[Stage]:
-        return single_stage_plan(self.config, self.config.where, num_layers)
 
     def select(self, ctx: PruneContext) -> Selection:
         keep = [permutation(self.config.seed, image.index_in_sample, image.num_tokens, image.budget, ctx.device)

@@ -44,7 +44,8 @@ Differs:
   they stay when stage 2 fires (vtprune never drops them).
 - ℓ = round(7L/8) (Python rounding: 24 for L = 28) is clamped to L - 2 so that a layer is left to remove the
   tokens from; for the 4-layer test models ℓ = 2 and the removal starts at layer 3.
-- keep=1.0 is the exact identity, as for every vtprune method: it turns stage 2 off too.
+- keep=1.0 is the exact identity, as for every vtprune method (the engine's, ``vtprune.budget.size_plan``): it
+  turns stage 2 off too.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from torch import Tensor
 
 from vtprune import kernels
 from vtprune.config import PrunerConfig
+from vtprune.point import Point
 from vtprune.pruners.base import Pruner
 from vtprune.registry import register_pruner
 from vtprune.state import ImageTokens, PruneContext, Selection, Stage
@@ -196,7 +198,7 @@ def relevance_ratios(
     return alpha_tv, alpha_vt
 
 
-@register_pruner("todre")
+@register_pruner
 class ToDREPruner(Pruner):
     config_cls = ToDREConfig
     paper = "ToDRE: Effective Visual Token Pruning via Token Diversity and Task Relevance (arXiv 2505.18757)"
@@ -220,15 +222,15 @@ class ToDREPruner(Pruner):
         return layer
 
     def plan(self, num_layers: int) -> list[Stage]:
-        keep = self.config.keep
-        # Stage 2 is adaptive and, as in the paper, outside the budget: stage 1 keeps keep*n under both budgets.
-        stages = [Stage("projector", 0, keep)]
-        if self.config.tau > 0 and keep < 1.0:
-            stages.append(Stage("llm", self.relevance_layer(num_layers) + 1, keep, adaptive=True))
+        # Stage 1 is at the LLM entry, so it keeps keep*n under both budgets. Stage 2 is adaptive and, as in the
+        # paper, outside the budget: it keeps all of what is present or none of it.
+        stages = [Stage("projector")]
+        if self.config.tau > 0:
+            stages.append(Stage(Point("llm", self.relevance_layer(num_layers) + 1), 1.0, adaptive=True))
         return stages
 
     def select(self, ctx: PruneContext) -> Selection:
-        if ctx.point == "llm":
+        if ctx.point.kind == "llm":
             return self._relevance(ctx)
         keep = [torch.arange(image.num_tokens, device=ctx.device) for image in ctx.images]
         pick = max_sum_diversify if self.config.selection == "maxsum" else k_center

@@ -16,24 +16,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtprune.config import PrunerConfig, parse_where
-from vtprune.pruners.base import Pruner, single_stage_plan
+from vtprune.config import WhereConfig
+from vtprune.pruners.base import Pruner
 from vtprune.registry import register_pruner
-from vtprune.state import ImageTokens, PruneContext, Selection, Stage
+from vtprune.state import ImageTokens, PruneContext, Selection
 
 
 @dataclass(frozen=True)
-class UniformConfig(PrunerConfig):
+class UniformConfig(WhereConfig):
     """Attributes:
     where: insertion point: "encoder", "projector", "llm:K" or "decode:K".
     """
 
     method = "uniform"
-    where: str = "projector"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        parse_where(self.where)
 
 
 @functools.lru_cache(maxsize=256)
@@ -92,15 +87,12 @@ def nearest_present_rows(present: Tensor, wanted: Tensor, cols: int) -> Tensor:
     return rank.topk(wanted.numel(), dim=1, largest=False).indices
 
 
-@register_pruner("uniform")
+@register_pruner
 class UniformPruner(Pruner):
     config_cls = UniformConfig
     paper = "baseline (regular spatial sub-grid)"
     status = "baseline"
     points = ("encoder", "projector", "llm:K", "decode:K")
-
-    def plan(self, num_layers: int) -> list[Stage]:
-        return single_stage_plan(self.config, self.config.where, num_layers)
 
     def select(self, ctx: PruneContext) -> Selection:
         return Selection(keep=spread_all(ctx.images, ctx.device))
