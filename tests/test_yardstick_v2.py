@@ -6,6 +6,7 @@ recipe trains, saves and resumes on CPU; the reference job measures every row of
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from vtprune.eval import accuracy, reference, report, synth_v2
 from vtprune.state import ImageTokens
 
 FAMILIES = sorted(reference.FAMILIES_V2)
+CHECKPOINTS = Path(__file__).resolve().parent.parent / "checkpoints"
 # The methods' schedules in a 32-layer LLM: FastV / DART K=2; MustDrop 2/6/10/14; PyramidDrop 8/16/24; VFlowOpt
 # L/3 and 2L/3; ToDRE 7L/8; CATP K=6.
 SCHEDULES_32 = ((2,), (2, 6, 10, 14), (8, 16, 24), (32 / 3, 64 / 3), (28,), (6,))
@@ -52,7 +54,7 @@ def test_v1_checkpoints_stay_version_one():
     from transformers import AutoConfig
 
     for family in reference.FAMILIES:
-        config = AutoConfig.from_pretrained(f"checkpoints/{family}")
+        config = AutoConfig.from_pretrained(CHECKPOINTS / family)
         assert reference.spec_for(config).version == 1
 
 
