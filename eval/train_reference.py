@@ -299,7 +299,7 @@ def train(config: TrainConfig, out: Path, resume: Path | None = None) -> dict:
         "family": config.family,
         "version": config.version,
         "config": asdict(config),
-        "resumed_from": str(resume) if resume else None,
+        "resumed_from": _relative(resume) if resume else None,
         "steps": state["step"],
         "minutes_this_part": round((time.time() - started) / 60, 2),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -309,6 +309,15 @@ def train(config: TrainConfig, out: Path, resume: Path | None = None) -> dict:
     }
     save(accelerator.unwrap_model(model).eval(), dense_heads, spec, out, notes, state)
     return notes
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the working directory where it lies below it: notes that get committed carry no
+    machine's absolute paths."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path.name
 
 
 def _dense_step(config: TrainConfig, spec, model, heads, items, device, with_global: bool):

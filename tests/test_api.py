@@ -482,3 +482,17 @@ def test_disable_triton_env_is_harmless_on_cpu(factory, monkeypatch):
     assert model.vtprune.last_stats["samples"][0]["tokens_per_layer"][-1] == kept_count(
         0.5, factory.image_positions(model, inputs)[0][0].numel()
     )
+
+
+def test_a_pruner_without_where_must_define_its_plan():
+    from vtprune.config import PrunerConfig
+    from vtprune.pruners.base import Pruner
+
+    class NoPlan(Pruner):
+        points = ("projector",)
+
+        def select(self, ctx):
+            raise AssertionError("never reached")
+
+    with pytest.raises(TypeError, match="must define plan"):
+        NoPlan(PrunerConfig(keep=0.5))

@@ -38,15 +38,18 @@ class Pruner(ABC):
     def __init__(self, config: PrunerConfig) -> None:
         if not isinstance(config, self.config_cls):
             raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}.")
+        if type(self).plan is Pruner.plan and not isinstance(config, WhereConfig):
+            raise TypeError(
+                f"{type(self).__name__} must define plan(num_layers): the default plan is one stage at the config's "
+                "where=, and its config is not a WhereConfig."
+            )
         self.config = config
 
     def plan(self, num_layers: int) -> list[Stage]:
         """The stages this method drops at, for an LLM with ``num_layers`` decoder layers. A stage without a
         ``fraction`` is sized by the engine from ``keep`` and ``budget`` (``vtprune.budget.size_plan``), which also
         makes every plan the identity at keep=1. The default: one stage at the ``where=`` of a ``WhereConfig``."""
-        if isinstance(self.config, WhereConfig):
-            return [Stage(self.config.point)]
-        raise NotImplementedError(f"{type(self).__name__} must implement plan(num_layers) (its config has no where=).")
+        return [Stage(self.config.point)]
 
     @abstractmethod
     def select(self, ctx: PruneContext) -> Selection:
