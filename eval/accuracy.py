@@ -203,8 +203,9 @@ class ClsTop(Pruner):
     points = ("projector",)
     needs = frozenset({"cls_attention"})
 
-    def __init__(self, config: ClsTopConfig) -> None:
+    def __init__(self, config: ClsTopConfig, record: bool = False) -> None:
         super().__init__(config)
+        self.record = record  # keep each image's kept raster indices in ``kept`` (for ``cls_on_objects``)
         self.kept: list[Tensor] = []
 
     def plan(self, num_layers: int) -> list[Stage]:
@@ -216,7 +217,8 @@ class ClsTop(Pruner):
             if image.cls_attention is None:
                 raise ValueError("cls-top needs a vision encoder with a CLS token (CLIP, InternViT).")
             local = image.cls_attention.topk(image.budget).indices
-            self.kept.append(image.original_indices[local])
+            if self.record:
+                self.kept.append(image.original_indices[local])
             keep.append(local)
         return Selection(keep=keep)
 
@@ -225,7 +227,7 @@ def cls_on_objects(model: Any, spec: reference.FamilySpec, items: list, keep: fl
                    batch_size: int = 32) -> float:
     """Share of the top-``keep`` CLS-attention tokens of single images that lie on an object or a glyph (coverage
     >= 0.2): whether the CLS attention that ToDRE / VisionZip / MustDrop read points at the evidence."""
-    adapter, probe = install_eval_pruner(model, ClsTop(ClsTopConfig(keep=keep)))
+    adapter, probe = install_eval_pruner(model, ClsTop(ClsTopConfig(keep=keep), record=True))
     device = next(model.parameters()).device
     hits, total = 0, 0
     try:

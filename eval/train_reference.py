@@ -29,6 +29,7 @@ re-warm-up, since only small files come back from the device machine.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -145,13 +146,20 @@ def _vision_outputs(family: str, model: nn.Module, batch: dict) -> tuple[torch.T
     if family == "qwen2_5_vl":
         merged = inner.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
         return merged, [], 24, 4
-    out = inner.vision_tower(batch["pixel_values"], output_hidden_states=True)
+    feature, cls_vectors = _tower_outputs(family, model, inner.vision_tower(batch["pixel_values"],
+                                                                            output_hidden_states=True))
+    return feature[:, 1:], cls_vectors, 24 if family == "llava" else 32, 1
+
+
+def _tower_outputs(family: str, model: nn.Module, out) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The feature layer's hidden states (CLS first) of a CLIP / InternViT tower output, picked as transformers'
+    LLaVA / InternVL do (layer -1 is the tower's normed last_hidden_state), and the CLS vectors to train."""
     layer = model.config.vision_feature_layer
-    feature = out.hidden_states[layer]
+    feature = out.last_hidden_state if layer == -1 else out.hidden_states[layer]
     if family == "llava":
         # LLaVA-1.5 consumes layer -2; the last layer only runs, so a head on its pooled CLS trains it.
-        return feature[:, 1:], [feature[:, 0], out.pooler_output], 24, 1
-    return feature[:, 1:], [feature[:, 0]], 32, 1
+        return feature, [feature[:, 0], out.pooler_output]
+    return feature, [feature[:, 0]]
 
 
 def dense_labels(family: str, task, scenes: list, grid: int, device) -> dict[str, torch.Tensor]:
@@ -338,20 +346,27 @@ def _global_loss(spec, heads, cls_vectors, scenes, device) -> torch.Tensor:
 
 def _vqa_step(config: TrainConfig, spec, model, heads, items, device):
     batch = reference.encode(spec, items, device, with_answers=True)
-    output = model(**batch)
+    towers: list = []
+    hook = None
+    if config.global_weight_vqa > 0 and "global" in heads:
+        # The model's own tower call gives the CLS vectors: no second vision forward for the global head. A shallow
+        # copy, since transformers then overwrites the output's pooler_output with the projected features.
+        hook = model.model.vision_tower.register_forward_hook(lambda module, args, out: towers.append(copy.copy(out)))
+    try:
+        output = model(**batch)
+    finally:
+        if hook is not None:
+            hook.remove()
     loss = output.loss
     hits = output.logits[:, -3].argmax(-1) == batch["labels"][:, -2]
     metrics = {}
     for category in dict.fromkeys(it.category for it in items):
         rows = torch.tensor([it.category == category for it in items], device=device)
         metrics[f"acc_{category}"] = float(hits[rows].float().mean())
-    if config.global_weight_vqa > 0 and "global" in heads:
-        single = [it for it in items if it.kind == "image"]
-        if single:
-            image_batch = reference.encode(spec, single, device)
-            _, cls_vectors, _, _ = _vision_outputs(config.family, model, image_batch)
-            scenes = [it.images[0] for it in single]
-            loss = loss + config.global_weight_vqa * _global_loss(spec, heads, cls_vectors, scenes, device)
+    if towers:
+        _, cls_vectors = _tower_outputs(config.family, model, towers[0])
+        scenes = [scene for it in items if it.kind != "video" for scene in it.images]  # the order of pixel_values
+        loss = loss + config.global_weight_vqa * _global_loss(spec, heads, cls_vectors, scenes, device)
     return loss, metrics
 
 
