@@ -58,14 +58,14 @@ def plans_differ(spec: str, keep: float, num_layers: int) -> bool:
 
 
 def evaluate_family(family: str, checkpoint: Path, methods: list[str], keeps: tuple[float, ...],
-                    limit: int | None) -> dict:
+                    limit: int | None, split: str = "test") -> dict:
     import torch
     import transformers
 
     import vtprune
     from vtprune.eval import accuracy, reference
 
-    spec = reference.get_family(family)
+    spec = reference.spec_for(transformers.AutoConfig.from_pretrained(checkpoint))  # v1 or v2, from the checkpoint
     model_cls = getattr(transformers, spec.model_class)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model_cls.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
@@ -79,7 +79,8 @@ def evaluate_family(family: str, checkpoint: Path, methods: list[str], keeps: tu
             if method_spec is not None:
                 method, extra = parse_spec(method_spec)
                 vtprune.wrap(model, method, **options, **extra)
-            results[name] = accuracy.evaluate(model, spec, categories, limit=limit, batch_size=64, progress=False)
+            results[name] = accuracy.evaluate(model, spec, categories, split=split, limit=limit, batch_size=64,
+                                              progress=False)
         except Exception:  # one failing configuration must not lose the others of a paid GPU call
             results[name] = {"error": traceback.format_exc(limit=4)}
         finally:
@@ -104,12 +105,12 @@ def evaluate_family(family: str, checkpoint: Path, methods: list[str], keeps: tu
 
 
 def child(family: str, checkpoints: Path, methods: list[str], keeps: tuple[float, ...], limit: int | None,
-          work: Path) -> int:
+          work: Path, split: str = "test") -> int:
     import torch
 
     # Many of these processes share the host: a few threads each keep them from fighting over the cores.
     torch.set_num_threads(2)
-    results = evaluate_family(family, checkpoints / family, methods, keeps, limit)
+    results = evaluate_family(family, checkpoints / family, methods, keeps, limit, split)
     name = "+".join(methods) + "@" + "+".join(map(str, keeps))
     (work / f"{family}__{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     return 0
@@ -123,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=None,
                         help="';'-separated method specs, e.g. 'apet;apet[merge=false,inject=false]' (default: every "
                              "registered method)")
-    parser.add_argument("--limit", type=int, help="items per category (default: the whole test split)")
+    parser.add_argument("--limit", type=int, help="items per category (default: the whole split)")
+    parser.add_argument("--split", default="test",
+                        help="test, or test_shift (yardstick v2); writes pruners.json, or pruners_<split>.json")
     parser.add_argument("--keeps", default=",".join(map(str, KEEPS)))
     parser.add_argument("--deadline", type=float, default=float("inf"),
                         help="seconds after which unfinished children are stopped and the finished ones merged")
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown methods {unknown}; registered: {vtprune.list_methods()}")
     if args.family:
-        return child(args.family, args.checkpoints, methods, keeps, args.limit, args.work)
+        return child(args.family, args.checkpoints, methods, keeps, args.limit, args.work, args.split)
 
     import tempfile
 
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         cmd = [sys.executable, "-m", "vtprune.eval.pruner_job", "--family", family, "--work", str(work),
                "--out", str(args.out), "--checkpoints", str(args.checkpoints.resolve()), "--methods", method,
-               "--keeps", str(keep)]
+               "--keeps", str(keep), "--split", args.split]
         if args.limit:
             cmd += ["--limit", str(args.limit)]
         with open(args.out / f"pruners_{family}.log", "a") as log:
@@ -184,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "date": time.strftime("%Y-%m-%d"),
         "command": "python -m vtprune.eval.pruner_job " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "note": f"test split, first {args.limit or 'all'} items per category, fp32; keep per image",
+        "split": args.split,
+        "note": f"{args.split} split, first {args.limit or 'all'} items per category, fp32; keep per image",
         "seconds": round(time.time() - started, 1),
         "status": status,
         "families": {},
@@ -194,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         if result.exists():
             entry = merged["families"].setdefault(family, {"family": family, "accuracy": {}})
             entry["accuracy"].update(json.loads(result.read_text()))
-    (args.out / "pruners.json").write_text(json.dumps(merged, indent=2) + "\n")
+    name = "pruners.json" if args.split == "test" else f"pruners_{args.split}.json"
+    (args.out / name).write_text(json.dumps(merged, indent=2) + "\n")
     print(json.dumps(status))
     return 0 if all(code == 0 for code in status.values()) else 1
 

@@ -31,7 +31,7 @@ FAMILIES = ("llava", "qwen2_5_vl", "internvl")
 
 def evaluate_family(family: str, checkpoint: Path, limit: int | None, splits: tuple[str, ...] = SPLITS,
                     keeps: tuple[float, ...] = KEEPS, batch_size: int = 64,
-                    categories: tuple[str, ...] | None = None) -> dict:
+                    categories: tuple[str, ...] | None = None, deadline: float = float("inf")) -> dict:
     """Every yardstick row of one checkpoint on each split, the CLS share and the gates (on ``test``; a gate whose
     categories were left out by ``categories`` reads "not measured")."""
     import torch
@@ -46,8 +46,8 @@ def evaluate_family(family: str, checkpoint: Path, limit: int | None, splits: tu
     model = model.to(device).eval()
     out: dict = {"version": spec.version}
     for split in splits:
-        out[split] = measure_split(model, spec, split, limit, keeps, batch_size, categories)
-    if "test" in out and spec.name in ("llava", "internvl"):
+        out[split] = measure_split(model, spec, split, limit, keeps, batch_size, categories, deadline)
+    if "test" in out and spec.name in ("llava", "internvl") and time.time() < deadline:
         image = [c for c in spec.task.IMAGE_CATEGORIES if categories is None or c in categories]
         items = [it for c in image for it in spec.task.split_items("test", c, limit or 200)]
         out["cls_share"] = accuracy.cls_on_objects(model, spec, items)
@@ -58,8 +58,10 @@ def evaluate_family(family: str, checkpoint: Path, limit: int | None, splits: tu
 
 
 def measure_split(model, spec, split: str, limit: int | None, keeps: tuple[float, ...], batch_size: int,
-                  categories: tuple[str, ...] | None = None) -> dict:
-    """The yardstick rows of one split: unpruned, blind, both oracles, CLS top-k, random and uniform."""
+                  categories: tuple[str, ...] | None = None, deadline: float = float("inf")) -> dict:
+    """The yardstick rows of one split: unpruned, blind, both oracles, CLS top-k, random and uniform. A row that
+    would start after ``deadline`` (a ``time.time()`` value) is recorded as not run, so a bounded GPU call still
+    returns the rows it finished."""
     import vtprune
     from vtprune.eval import accuracy
 
@@ -68,6 +70,9 @@ def measure_split(model, spec, split: str, limit: int | None, keeps: tuple[float
 
     def run(name: str, install=None, **kwargs) -> None:
         started = time.time()
+        if started >= deadline:
+            runs[name] = {"error": "not run: the call's deadline was reached"}
+            return
         handle = None
         try:
             handle = install() if install is not None else None
@@ -120,7 +125,7 @@ class _Wrapped:
 
 
 def run_family(family: str, minutes: float, plan_minutes: float | None, work: Path, resume: Path | None,
-               evaluate: bool, limit: int | None) -> dict:
+               evaluate: bool, limit: int | None, deadline: float = float("inf")) -> dict:
     """One worker: train (or continue) one family for ``minutes``, then evaluate it unless told not to."""
     import torch
 
@@ -139,7 +144,7 @@ def run_family(family: str, minutes: float, plan_minutes: float | None, work: Pa
         result["training"] = {k: v for k, v in notes.items() if k != "log"}
         result["log"] = notes.get("log", [])
         if evaluate:
-            result["accuracy"] = evaluate_family(family, checkpoint, limit)
+            result["accuracy"] = evaluate_family(family, checkpoint, limit, deadline=deadline)
     except Exception:
         result["error"] = traceback.format_exc(limit=6)
     return result
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=1000, help="items per category of each split")
     parser.add_argument("--eval", choices=("all", "none"), default="all")
     parser.add_argument("--resume", type=Path, help="folder with one checkpoint per family to continue or evaluate")
+    parser.add_argument("--deadline", type=float, default=float("inf"),
+                        help="seconds from the start after which no new evaluation row starts (rows left are marked)")
     args = parser.parse_args(argv)
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     unknown = sorted(set(families) - set(FAMILIES))
@@ -162,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.minutes == 0 and args.resume is None:
         parser.error("--minutes 0 evaluates existing checkpoints: give them with --resume DIR.")
 
+    deadline = time.time() + args.deadline
     work = Path("/tmp/vtprune-reference")
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=len(families), mp_context=context) as pool:
         futures = {f: pool.submit(run_family, f, args.minutes, args.plan_minutes, work, resume,
-                                  args.eval == "all", args.limit) for f in families}
+                                  args.eval == "all", args.limit, deadline) for f in families}
         merged = {"families": {f: future.result() for f, future in futures.items()}}
     for family in families:
         checkpoint = work / family

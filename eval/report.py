@@ -19,7 +19,11 @@ ROWS = ("unpruned", "blind", "oracle@0.11", "oracle-q@0.11", "cls@0.11", "random
 
 def family_table(family: str, accuracy: dict, version: int = 1, split: str = "test") -> str:
     spec = reference.get_family(family, version)
-    categories = [c for c in spec.task.CATEGORIES if c in accuracy.get("unpruned", {})]
+    unpruned = accuracy.get("unpruned", {})
+    if not isinstance(unpruned, dict) or "error" in unpruned or not unpruned:
+        reason = unpruned.get("error", "missing") if isinstance(unpruned, dict) else "missing"
+        return f"**{family}** ({split}): no table, the unpruned row was not measured ({reason.splitlines()[-1]})"
+    categories = [c for c in spec.task.CATEGORIES if c in unpruned]
     header = ["run"] + categories + ["image avg", "all avg"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines.append("| chance | " + " | ".join(f"{100 * chance(spec)[c]:.0f}" for c in categories) + " | | |")

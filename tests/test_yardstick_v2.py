@@ -197,3 +197,14 @@ def test_reference_job_measures_every_row_of_a_checkpoint(tmp_path):
     gates = {g["name"]: g for g in result["gates"]}
     assert gates["unpruned in-context"]["measured"] is None  # left out: not measured, never passed
     assert gates["unpruned count"]["measured"] is not None
+
+
+def test_reference_job_deadline_marks_rows_not_run_and_report_says_so():
+    from vtprune.eval import reference_job
+
+    spec = reference.get_family("llava", 2)
+    # A deadline already passed: no row starts, so no model is needed, and each row says why it is missing.
+    rows = reference_job.measure_split(None, spec, "test", 1, (0.11,), 8, deadline=0.0)
+    assert rows and all("deadline" in v["error"] for k, v in rows.items() if not k.endswith(".seconds"))
+    table = report.family_table("llava", rows, 2, "test")
+    assert "unpruned row was not measured" in table and "deadline" in table
