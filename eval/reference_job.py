@@ -125,7 +125,7 @@ class _Wrapped:
 
 
 def run_family(family: str, minutes: float, plan_minutes: float | None, work: Path, resume: Path | None,
-               evaluate: bool, limit: int | None, deadline: float = float("inf")) -> dict:
+               evaluate: bool, limit: int | None, deadline: float = float("inf"), batches: dict | None = None) -> dict:
     """One worker: train (or continue) one family for ``minutes``, then evaluate it unless told not to."""
     import torch
 
@@ -137,7 +137,9 @@ def run_family(family: str, minutes: float, plan_minutes: float | None, work: Pa
     result: dict = {"family": family}
     try:
         if minutes > 0:
-            notes = train(TrainConfig(family=family, minutes=minutes, plan_minutes=plan_minutes), checkpoint, start)
+            sizes = {k: v for k, v in (batches or {}).items() if v}
+            notes = train(TrainConfig(family=family, minutes=minutes, plan_minutes=plan_minutes, **sizes), checkpoint,
+                          start)
         else:  # evaluation only, of the checkpoint given by --resume
             checkpoint = start
             notes = json.loads((checkpoint / "training.json").read_text())
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=1000, help="items per category of each split")
     parser.add_argument("--eval", choices=("all", "none"), default="all")
     parser.add_argument("--resume", type=Path, help="folder with one checkpoint per family to continue or evaluate")
+    parser.add_argument("--batch", type=int, help="items per VQA batch (default: the recipe's TrainConfig)")
+    parser.add_argument("--batch-dense", type=int, help="images per dense pre-training batch (default: the recipe's)")
     parser.add_argument("--deadline", type=float, default=float("inf"),
                         help="seconds from the start after which no new evaluation row starts (rows left are marked)")
     args = parser.parse_args(argv)
@@ -166,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
         parser.error(f"unknown families {unknown}; choose from {list(FAMILIES)}.")
+    if any(b is not None and b < 1 for b in (args.batch, args.batch_dense)):
+        parser.error("--batch and --batch-dense must be at least 1.")
     if args.minutes == 0 and args.resume is None:
         parser.error("--minutes 0 evaluates existing checkpoints: give them with --resume DIR.")
 
@@ -178,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=len(families), mp_context=context) as pool:
         futures = {f: pool.submit(run_family, f, args.minutes, args.plan_minutes, work, resume,
-                                  args.eval == "all", args.limit, deadline) for f in families}
+                                  args.eval == "all", args.limit, deadline,
+                                  {"batch": args.batch, "batch_dense": args.batch_dense}) for f in families}
         merged = {"families": {f: future.result() for f, future in futures.items()}}
     for family in families:
         checkpoint = work / family

@@ -49,7 +49,7 @@ def probe(family: str, batches: tuple[int, ...], steps: int, profile: bool = Fal
     if not qwen:
         heads["global"] = GlobalHead(spec.task, width)
     heads.to(device)
-    optimizer = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=1e-4)
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=1e-4, fused=cuda)
     config = TrainConfig(family=family)
     stream = spec.task.train_stream(spec.categories, seed=0)
 
