@@ -38,8 +38,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from vtprune.adapters.base import Adapter, ImageLayout
-from vtprune.adapters.llava import LlavaAdapter
+from vtprune.adapters.common import ClipTowerCls, TokenwiseProjector
+from vtprune.engine import Family, ImageLayout
 
 
 @dataclass
@@ -99,17 +99,13 @@ class _ImageCallRecorder:
         self.arguments, self.images = None, ()
 
 
-class AnyResAdapter(Adapter):
+class AnyResAdapter(TokenwiseProjector, ClipTowerCls, Family):
     """Base of the LLaVA-NeXT and LLaVA-OneVision adapters; a subclass names its transformers modeling module."""
 
     modeling: ClassVar[str] = ""  # module holding the family's get_anyres_image_grid_shape / unpad_image
-    # The projector is token-wise, as LLaVA's: same capture points (one record per projector call), same mapping.
-    capture_hook = LlavaAdapter.capture_hook
-    project = LlavaAdapter.project
-    # CLIP (LLaVA-NeXT) has a CLS per tile, SigLIP (OneVision) none. Each tile's row is packed like its features, so
-    # every token carries the attention of its own tile's CLS.
-    vision_cls_attention = LlavaAdapter.vision_cls_attention
-    _tower_has_cls = LlavaAdapter._tower_has_cls
+    # The projector is token-wise (TokenwiseProjector). CLIP (LLaVA-NeXT) has a CLS per tile, SigLIP (OneVision)
+    # none (ClipTowerCls). Each tile's row is packed like its features, so every token carries the attention of its
+    # own tile's CLS.
 
     def visual_token_ids(self) -> list[int]:
         return [int(self.model.config.image_token_id)]

@@ -24,16 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from vtprune.adapters.base import Adapter, ImageLayout
-from vtprune.adapters.llava import LlavaAdapter
+from vtprune.adapters.common import TokenwiseProjector
+from vtprune.engine import Family, ImageLayout
 from vtprune.registry import register_adapter
 
 
 @register_adapter("internvl")
-class InternVLAdapter(Adapter):
-    # The projector is a token-wise LayerNorm + MLP, as LLaVA's is a token-wise MLP: same capture points, same mapping.
-    capture_hook = LlavaAdapter.capture_hook
-    project = LlavaAdapter.project
+class InternVLAdapter(TokenwiseProjector, Family):
+    # The projector is a token-wise LayerNorm + MLP (TokenwiseProjector): capture points and mapping as LLaVA's.
 
     def visual_token_ids(self) -> list[int]:
         return [int(self.model.config.image_token_id)]
@@ -83,7 +81,7 @@ class InternVLAdapter(Adapter):
         return view
 
     def split_captured(self, point: str, features: Tensor) -> list[Tensor]:
-        counts = [im.positions.numel() for im in self.state.images]
+        counts = [im.positions.numel() for im in self.view.images]
         flat = features.reshape(-1, features.shape[-1])
         if flat.shape[0] != sum(counts):
             raise RuntimeError(

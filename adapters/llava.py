@@ -8,18 +8,18 @@ token-wise, so dropping before or after it keeps the same tokens (shared/ADAPTER
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from vtprune.adapters.base import Adapter, ImageLayout
+from vtprune.adapters.common import ClipTowerCls, TokenwiseProjector
+from vtprune.engine import Family, ImageLayout
 from vtprune.registry import register_adapter
 
 
 @register_adapter("llava")
-class LlavaAdapter(Adapter):
+class LlavaAdapter(TokenwiseProjector, ClipTowerCls, Family):
     def visual_token_ids(self) -> list[int]:
         return [int(self.model.config.image_token_id)]
 
@@ -33,11 +33,6 @@ class LlavaAdapter(Adapter):
         if self.model.config.vision_feature_select_strategy == "default":
             count -= 1
         return count
-
-    def _tower_has_cls(self) -> bool:
-        tower = self.inner.vision_tower
-        tower = getattr(tower, "vision_model", tower)
-        return getattr(tower.embeddings, "class_embedding", None) is not None
 
     def image_layout(self, input_ids: Tensor, visual_mask: Tensor, model_kwargs: dict[str, Any]) -> list[ImageLayout]:
         per_image = self.tokens_per_image()
@@ -58,26 +53,8 @@ class LlavaAdapter(Adapter):
                 layouts.append(ImageLayout(sample, index, chunk, grid))
         return layouts
 
-    def capture_hook(self, point: str, store: Callable[[Tensor], None]) -> Any:
-        projector = self.inner.multi_modal_projector
-        if point == "encoder":
-            return projector.register_forward_pre_hook(lambda module, args: store(args[0]))
-        return projector.register_forward_hook(lambda module, args, output: store(output))
-
     def split_captured(self, point: str, features: Tensor) -> list[Tensor]:
         return list(features.reshape(-1, self.tokens_per_image(), features.shape[-1]).unbind(0))
-
-    def project(self, encoder_features: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self.inner.multi_modal_projector(encoder_features[None])[0]
-
-    def vision_cls_attention(self) -> nn.Module | None:
-        # CLIP prepends a CLS token; SigLIP towers (LLaVA-Interleave, OneVision) have none. The CLS row is read at
-        # the last layer, which transformers runs even where the features come from layer -2.
-        if not self._tower_has_cls():
-            return None
-        tower = self.inner.vision_tower
-        return getattr(tower, "vision_model", tower).encoder.layers[-1].self_attn
 
     def cls_attention_tokens(self, rows: Tensor) -> Tensor:
         if self.model.config.vision_feature_select_strategy == "full":

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from vtprune.adapters.base import Adapter, ImageLayout, encoded_index
+from vtprune.engine import Family, ImageLayout, encoded_index
 from vtprune.registry import register_adapter
 
 _KINDS = ("image", "video")
@@ -45,7 +45,7 @@ def _grid_argument(args: tuple, kwargs: dict) -> Tensor:
 
 
 @register_adapter("qwen2_vl")
-class Qwen2VLAdapter(Adapter):
+class Qwen2VLAdapter(Family):
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
         self.visual = self.inner.visual
@@ -56,7 +56,7 @@ class Qwen2VLAdapter(Adapter):
 
     # ------------------------------------------------------------------------------------------------ layout
     def family_hooks(self) -> list[Any]:
-        store = self._store_capture("grid")
+        store = self.view.recorder("grid")
         return [self.visual.register_forward_pre_hook(lambda m, args, kwargs: store(_grid_argument(args, kwargs)),
                                                       with_kwargs=True)]
 
@@ -66,7 +66,7 @@ class Qwen2VLAdapter(Adapter):
         present = [kind for kind, token in zip(_KINDS, self.visual_token_ids(), strict=True)
                    if bool((input_ids == token).any())]
         # Where generate encoded the pixels first, the tower ran once per modality present, images first.
-        records = self.captured.get("grid", [])
+        records = self.view.records("grid")
         recorded = {}
         if present and len(records) >= len(present):
             recorded = dict(zip(present, records[-len(present):], strict=True))

@@ -53,7 +53,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         original = text_model._deepstack_process
 
         def deepstack_process(hidden_states: Tensor, visual_pos_masks: Tensor, visual_embeds: Tensor) -> Tensor:
-            rows = self.running_layer_rows()
+            rows = self.view.running_layer_rows()
             if rows is not None:
                 visual_pos_masks, (visual_embeds,) = _gather_deepstack(visual_pos_masks, [visual_embeds], *rows)
             return original(hidden_states, visual_pos_masks, visual_embeds)

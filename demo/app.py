@@ -101,7 +101,7 @@ def compare(model: Any, processor: Any, question: str, method: str, keep: float,
     vtprune.wrap(model, method, keep=keep, budget=budget)
     try:
         pruned = measure_setting(model, processor, inputs, repeats, max_new_tokens)
-        stats = model.vtprune.adapter.last_stats
+        stats = model.vtprune.engine.last_stats
         sample = model.vtprune.last_stats["samples"][0]
     finally:
         vtprune.unwrap(model)

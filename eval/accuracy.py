@@ -247,11 +247,11 @@ def cls_on_objects(model: Any, spec: reference.FamilySpec, items: list, keep: fl
 
 def install_eval_pruner(model: Any, pruner: Pruner) -> tuple[Any, Pruner]:
     """Hook an eval-only pruner into a model, bypassing the registry (oracles and probes are not methods)."""
-    from vtprune.registry import get_adapter_class
+    from vtprune.engine import Engine
 
-    adapter = get_adapter_class(model.config.model_type)(model)
-    adapter.install(pruner)
-    return adapter, pruner
+    engine = Engine(model)
+    engine.install(pruner)
+    return engine, pruner
 
 
 def slice_limit(spec: reference.FamilySpec, total: int = 200) -> int:

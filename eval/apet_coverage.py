@@ -60,7 +60,7 @@ def measure(family: str, category: str, items: int, keeps: tuple[float, ...]) ->
             vtprune.wrap(model, method, keep=keep, **options)
             with torch.no_grad():
                 model(**inputs)
-            kept = model.vtprune.adapter.last_stats.stages[0].kept
+            kept = model.vtprune.engine.last_stats.stages[0].kept
             vtprune.unwrap(model)
             covered = [fg[j, k].sum() / fg[j].sum().clamp(min=1) for j, k in enumerate(kept)]
             result["foreground_covered"][f"{label}@{keep}"] = float(torch.stack(covered).mean())

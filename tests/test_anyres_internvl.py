@@ -193,8 +193,8 @@ def test_encoder_features_project_onto_the_tokens(family, prompt):
         vtprune.wrap(model, "random", keep=0.5, where="encoder")
         contexts = _spy(model)
         model(**inputs)
-        adapter = model.vtprune.adapter
-        projected = [adapter.project(image.features) for image in contexts[0].images]
+        adapter = model.vtprune.engine
+        projected = [adapter.family.project(image.features) for image in contexts[0].images]
     for features, p in zip(projected, factory.image_positions(model, inputs)[0], strict=True):
         torch.testing.assert_close(features, embeds[0, p], atol=1e-5, rtol=0)
 

@@ -42,7 +42,7 @@ def test_the_example_method_keeps_the_largest_norm_tokens(example_method) -> Non
     with torch.no_grad():
         model(**inputs)
     hook.remove()
-    kept = model.vtprune.adapter.last_stats.stages[0].kept
+    kept = model.vtprune.engine.last_stats.stages[0].kept
     features = captured[0].reshape(3, -1, captured[0].shape[-1]).float()
     budget = round(0.25 * features.shape[1])
     for image, indices in enumerate(kept):
@@ -61,3 +61,41 @@ def test_wrap_refuses_a_point_the_example_does_not_list(example_method, where) -
     with pytest.raises(ValueError, match=r"Method 'largest-norm' does not act at '" + where + "'.*projector, llm:K"):
         vtprune.wrap(model, "largest-norm", keep=0.5, where=where)
     assert not vtprune.is_wrapped(model)
+
+
+MODEL_DOC = DOC.parent / "adding_a_model.md"
+
+
+@pytest.fixture
+def example_family(monkeypatch):
+    """Execute the model doc's family file in a private copy of the family registry."""
+    registry._load_builtins()
+    monkeypatch.setattr(registry, "ADAPTERS", dict(registry.ADAPTERS))
+    (code,) = re.findall(r"```python\n(.*?)```", MODEL_DOC.read_text(), flags=re.S)
+    module = types.ModuleType("docs_family")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, str(MODEL_DOC), "exec"), module.__dict__)
+    return module.__dict__
+
+
+@pytest.mark.parametrize("where", ["projector", "llm:2"])
+def test_the_example_family_prunes_as_the_builtin_llava(example_family, where) -> None:
+    assert "toy_llava" in vtprune.list_models()
+    factory = FACTORIES["llava"]
+    model = factory.build("sdpa")
+    inputs = factory.inputs(model, [Prompt(images=1), Prompt(images=2)], seed=5)
+    runs = []
+    for model_type in ("llava", "toy_llava"):
+        model.config.model_type = model_type  # the registry picks the family by it
+        vtprune.wrap(model, "random", keep=0.25, where=where, seed=1)
+        assert type(model.vtprune.engine.family).__name__ == ("ToyLlava" if model_type == "toy_llava"
+                                                               else "LlavaAdapter")
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        stats = model.vtprune.engine.last_stats
+        runs.append((logits, [kept.tolist() for stage in stats.stages for kept in stage.kept],
+                     stats.tokens_per_layer.tolist()))
+        vtprune.unwrap(model)
+    (a, *facts_a), (b, *facts_b) = runs
+    torch.testing.assert_close(a, b)
+    assert facts_a == facts_b

@@ -170,7 +170,7 @@ def test_a_bad_selection_is_refused_naming_the_method(private_registry, factory,
     vtprune.wrap(model, "bad-select", keep=0.25, where=where)
     with pytest.raises(ValueError, match=rf"Method 'bad-select' at '{where}'.*{message}"), torch.no_grad():
         model(**inputs)
-    assert model.vtprune.adapter.state is None or not model.vtprune.adapter.state.checks
+    assert model.vtprune.engine.state is None or not model.vtprune.engine.state.checks
     # The model stays usable: the next call with a correct method is fine.
     vtprune.unwrap(model)
     vtprune.wrap(model, "uniform", keep=0.25, where=where)
@@ -197,7 +197,7 @@ def test_generate_releases_the_call_state_and_the_kv_cache(factory, method):
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=0,
                              return_dict_in_generate=True)
     cache = weakref.ref(out.past_key_values)
-    assert _tensors_held(model.vtprune.adapter) == []
+    assert _tensors_held(model.vtprune.engine) == []
     del out
     gc.collect()
     assert cache() is None, "the wrapped model still holds the last call's KV cache"
@@ -211,7 +211,7 @@ def test_a_plain_forward_keeps_no_cache_features_or_probe_inputs(factory):
     with torch.no_grad():
         out = model(**inputs, use_cache=True)
     cache = weakref.ref(out.past_key_values)
-    assert _tensors_held(model.vtprune.adapter) in ([], ["state"])
+    assert _tensors_held(model.vtprune.engine) in ([], ["state"])
     del out
     gc.collect()
     assert cache() is None
@@ -249,4 +249,4 @@ def test_deepcopy_of_a_wrapped_model_raises_and_the_documented_route_works():
         vtprune.wrap(twin, config)
         torch.testing.assert_close(twin(**inputs).logits, expected, atol=0, rtol=0)
         torch.testing.assert_close(model(**inputs).logits, expected, atol=0, rtol=0)
-    assert twin.vtprune.adapter is not model.vtprune.adapter
+    assert twin.vtprune.engine is not model.vtprune.engine

@@ -109,7 +109,7 @@ def _masked_reference(model, from_layer: int, dropped: torch.Tensor, decode_only
 def _written_rows(factory, model, inputs, handle, hidden: torch.Tensor, stage: int) -> torch.Tensor:
     """(B, L, D) hidden states in original positions with the rows that stage ``stage`` of the wrapped model
     (``handle``: its ``model.vtprune``) wrote into its kept slots (``StageStats.values``) in their place."""
-    stats, raw = handle.last_stats, handle.adapter.last_stats
+    stats, raw = handle.last_stats, handle.engine.last_stats
     hidden = hidden.clone()
     per_sample = zip(stats["samples"], factory.image_positions(model, inputs), strict=True)
     for b, (sample, positions) in enumerate(per_sample):
@@ -146,7 +146,7 @@ def _staged_reference(model, factory, inputs, handle) -> list:
             if stage["point"] != "decode":
                 hide["prefill"][layer] = dropped
             hide["decode"][layer] = dropped
-        if handle.adapter.last_stats.stages[s].values is not None:
+        if handle.engine.last_stats.stages[s].values is not None:
             writes[stage["layer"]] = s
 
     def make_hook(layer_idx: int):

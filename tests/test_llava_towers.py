@@ -47,7 +47,7 @@ def test_tokens_per_image_follow_the_tower_and_strategy(tower: str, strategy: st
     with torch.no_grad():
         model(**inputs)  # transformers itself rejects a prompt whose image-token count differs from its features
     vtprune.wrap(model, "uniform", keep=0.5)
-    assert model.vtprune.adapter.tokens_per_image() == tokens
+    assert model.vtprune.engine.family.tokens_per_image() == tokens
     with torch.no_grad():
         model(**inputs)
     stats = model.vtprune.last_stats

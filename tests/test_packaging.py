@@ -92,3 +92,36 @@ def test_python_m_vtprune_help(tmp_path):
     result = _run([sys.executable, "-m", "vtprune", "--help"], cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage" in result.stdout.lower()
+
+
+def _imports(path) -> set[str]:
+    """Every module a source file imports (``from x import y`` gives x and x.y)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_layering_engine_families_pruners():
+    """The engine never imports a family or a pruner; a family sees the engine's public protocol only and never a
+    pruner; a pruner never imports a family or the engine."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    public = {"vtprune.engine", "vtprune.engine.Family", "vtprune.engine.ImageLayout", "vtprune.engine.encoded_index"}
+    for path in (root / "vtprune" / "engine").glob("*.py"):
+        bad = {m for m in _imports(path) if m.startswith(("vtprune.adapters", "vtprune.pruners"))}
+        assert not bad, f"{path.name} imports {bad}"
+    for path in (root / "adapters").glob("*.py"):
+        engine = {m for m in _imports(path) if m.startswith("vtprune.engine")}
+        assert engine <= public, f"adapters/{path.name} reaches into the engine: {engine - public}"
+        assert not any(m.startswith("vtprune.pruners") for m in _imports(path)), path.name
+    for path in (root / "vtprune" / "pruners").glob("*.py"):
+        bad = {m for m in _imports(path) if m.startswith(("vtprune.adapters", "vtprune.engine"))}
+        assert not bad, f"pruners/{path.name} imports {bad}"

@@ -10,9 +10,9 @@ import torch
 from conftest import FACTORIES, Prompt
 
 from vtprune.config import PrunerConfig
+from vtprune.engine import Engine
 from vtprune.point import PATTERNS, Point
 from vtprune.pruners.base import Pruner
-from vtprune.registry import get_adapter_class
 from vtprune.state import PruneContext, Selection, Stage
 
 
@@ -53,7 +53,7 @@ def test_probe_equals_eager_attention(family, use_cache):
     layer = 2
     with torch.no_grad():
         expected = model(**inputs, output_attentions=True, use_cache=use_cache).attentions[layer - 1]
-        adapter = get_adapter_class(model.config.model_type)(model)
+        adapter = Engine(model)
         recorder = _ProbeRecorder(layer)
         adapter.install(recorder)
         model(**inputs, use_cache=use_cache)

@@ -424,7 +424,7 @@ def test_stats_stay_json_friendly_with_written_values():
         model(**inputs)
     stats = model.vtprune.last_stats
     json.dumps(stats)
-    raw = model.vtprune.adapter.last_stats
+    raw = model.vtprune.engine.last_stats
     values = raw.written_values(0)
     kept = stats["samples"][0]["stages"][0]["kept"]
     assert [tuple(v.shape) for v in values] == [(len(k), model.config.text_config.hidden_size) for k in kept]

@@ -21,6 +21,7 @@ from conftest import FACTORIES, Prompt
 from transformers import Qwen2VLForConditionalGeneration
 
 import vtprune
+from vtprune.engine import Engine
 from vtprune.point import PATTERNS, Point
 from vtprune.registry import get_adapter_class
 from vtprune.state import Selection, Stage
@@ -55,7 +56,7 @@ class Recorder:
 
 
 def _install(model, recorder: Recorder):
-    adapter = get_adapter_class(model.config.model_type)(model)
+    adapter = Engine(model)
     adapter.install(recorder)
     return adapter
 

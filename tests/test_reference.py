@@ -67,6 +67,7 @@ def test_processor_matches_the_training_encoder(family, monkeypatch):
                 assert torch.equal(got[key], expected[key])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(reference.FAMILIES))
 def test_accuracy_floor_on_the_fixed_slice(family):
     spec = reference.FAMILIES[family]

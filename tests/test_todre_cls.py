@@ -14,10 +14,10 @@ from conftest import FACTORIES, Prompt
 
 import vtprune
 from vtprune.config import PrunerConfig
+from vtprune.engine import Engine
 from vtprune.point import PATTERNS
 from vtprune.pruners import todre
 from vtprune.pruners.base import Pruner
-from vtprune.registry import get_adapter_class
 from vtprune.state import ImageTokens, PruneContext, Selection, Stage
 
 CLS_FAMILIES = ["internvl", "llava", "llava_next"]
@@ -108,7 +108,7 @@ def test_cls_attention_equals_the_eager_cls_row_of_the_last_encoder_layer(family
     expected = _expected_per_image(reference, factory, family, inputs, _eager_cls_rows(reference, family, inputs))
     model = factory.build(attn)
     spy = _Spy("projector", frozenset({"cls_attention", "global_view"}))
-    adapter = get_adapter_class(family)(model)
+    adapter = Engine(model)
     adapter.install(spy)
     with torch.no_grad():
         model(**inputs)
@@ -137,7 +137,7 @@ def test_cls_attention_follows_the_tokens_an_earlier_stage_kept():
     factory = FACTORIES["llava_next"]
     model = factory.build("sdpa")
     spy = _EveryOtherThenSpy(needs=frozenset({"cls_attention", "global_view"}))
-    adapter = get_adapter_class("llava_next")(model)
+    adapter = Engine(model)
     adapter.install(spy)
     with torch.no_grad():
         model(**factory.inputs(model, PROMPTS, seed=3))
@@ -198,7 +198,7 @@ def test_todre_without_a_cls_token_starts_at_the_seeded_random_token(family, mon
 
     monkeypatch.setattr(todre, "max_sum_diversify", spy_diversify)
     vtprune.wrap(model, "todre", keep=0.25)
-    assert model.vtprune.adapter.vision_cls_attention() is None
+    assert model.vtprune.engine.family.vision_cls_attention() is None
     with torch.no_grad():
         model(**inputs)
     vtprune.unwrap(model)
@@ -214,7 +214,7 @@ def test_methods_without_the_need_register_no_vision_hook(family):
     attention = _last_vision_attention(model, family)
     before = len(attention._forward_pre_hooks)
     spy = _Spy("projector")
-    adapter = get_adapter_class(family)(model)
+    adapter = Engine(model)
     adapter.install(spy)
     assert len(attention._forward_pre_hooks) == before
     with torch.no_grad():
@@ -233,7 +233,7 @@ def test_llm_stages_get_no_cls_attention():
     factory = FACTORIES["llava"]
     model = factory.build("sdpa")
     spy = _Spy("llm:1", frozenset({"cls_attention", "global_view"}))
-    adapter = get_adapter_class("llava")(model)
+    adapter = Engine(model)
     adapter.install(spy)
     with torch.no_grad():
         model(**factory.inputs(model, PROMPTS, seed=1))
@@ -243,7 +243,7 @@ def test_llm_stages_get_no_cls_attention():
 
 def test_unknown_needs_raise():
     model = FACTORIES["llava"].build("sdpa")
-    adapter = get_adapter_class("llava")(model)
+    adapter = Engine(model)
     with pytest.raises(ValueError, match="cls_atention"):
         adapter.install(_Spy("projector", frozenset({"cls_atention"})))
 

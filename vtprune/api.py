@@ -9,33 +9,34 @@ from typing import Any
 from torch import nn
 
 from vtprune.config import PrunerConfig, check_options
-from vtprune.registry import get_adapter_class, get_pruner_class
+from vtprune.registry import get_pruner_class
 
 
 class VTPruneHandle:
-    """What ``wrap`` attaches as ``model.vtprune``: the config, the pruner, the adapter and the last call's stats."""
+    """What ``wrap`` attaches as ``model.vtprune``: the config, the pruner, the engine running them (its ``family``
+    states the model's facts) and the last call's stats."""
 
-    def __init__(self, config: PrunerConfig, pruner: Any, adapter: Any) -> None:
+    def __init__(self, config: PrunerConfig, pruner: Any, engine: Any) -> None:
         self.config = config
         self.pruner = pruner
-        self.adapter = adapter
+        self.engine = engine
 
     @property
     def last_stats(self) -> dict[str, Any] | None:
         """Stats of the last prefill: per sample, the kept indices into the original visual tokens for every stage,
         visual tokens per decoder layer, K_in, K_avg and the selection time. None before the first pruned call."""
-        raw = self.adapter.last_stats
+        raw = self.engine.last_stats
         return raw.as_dict() if raw is not None else None
 
     def __repr__(self) -> str:
-        return f"VTPruneHandle({self.config!r}, adapter={type(self.adapter).__name__})"
+        return f"VTPruneHandle({self.config!r}, family={type(self.engine.family).__name__})"
 
     def __deepcopy__(self, memo: dict) -> VTPruneHandle:
-        # A copy of the model would keep hooks that call into this model's adapter (its captured features, its
+        # A copy of the model would keep hooks that call into this model's engine (its captured features, its
         # call state): a silent wrong answer. Refuse it, with the way to get a wrapped copy.
         raise TypeError(
             "copy.deepcopy of a vtprune-wrapped model is not supported: the copy's hooks would still run this model's "
-            "adapter. Copy the unwrapped model and wrap both: config = model.vtprune.config; vtprune.unwrap(model); "
+            "engine. Copy the unwrapped model and wrap both: config = model.vtprune.config; vtprune.unwrap(model); "
             "twin = copy.deepcopy(model); vtprune.wrap(model, config); vtprune.wrap(twin, config)."
         )
 
@@ -81,10 +82,12 @@ def wrap(model: nn.Module, method: str | PrunerConfig | dict | os.PathLike, keep
     if is_wrapped(model):
         raise ValueError("This model is already wrapped by vtprune. Call vtprune.unwrap(model) first.")
     config = resolve_config(method, keep, options)
-    adapter = get_adapter_class(getattr(model.config, "model_type", type(model).__name__))(model)
+    from vtprune.engine import Engine
+
+    engine = Engine(model)  # the registered family of model.config.model_type
     pruner = get_pruner_class(config.method)(config)
-    adapter.install(pruner)
-    model.vtprune = VTPruneHandle(config, pruner, adapter)
+    engine.install(pruner)
+    model.vtprune = VTPruneHandle(config, pruner, engine)
     return model
 
 
@@ -92,7 +95,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     """Remove every hook ``wrap`` installed; the model behaves exactly as before ``wrap``."""
     if not is_wrapped(model):
         raise ValueError("This model is not wrapped by vtprune; nothing to unwrap.")
-    model.vtprune.adapter.remove()
+    model.vtprune.engine.remove()
     del model.vtprune
     return model
 

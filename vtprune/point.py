@@ -61,7 +61,7 @@ class Point:
 
     @property
     def pattern(self) -> str:
-        """The entry of ``Pruner.points`` / ``Adapter.points`` this point matches: "llm:K" for "llm:2"."""
+        """The entry of ``Pruner.points`` / ``Family.points`` this point matches: "llm:K" for "llm:2"."""
         return self.kind if self.kind in ENTRY_KINDS else f"{self.kind}:K"
 
     def check_depth(self, num_layers: int) -> Point:

@@ -192,9 +192,10 @@ class TrainResult:
 def visual_token_ids(model: nn.Module) -> Tensor:
     """(V,) ids of the visual placeholder tokens of a supported VLM, as its family adapter lists them."""
     if is_wrapped(model):
-        return model.vtprune.adapter.visual_ids
-    # An adapter that is not installed registers nothing; it only reads the model's layout and config.
-    return get_adapter_class(getattr(model.config, "model_type", type(model).__name__))(model).visual_ids
+        return model.vtprune.engine.visual_ids
+    # A family only reads the model's config; nothing is registered on the model.
+    family = get_adapter_class(getattr(model.config, "model_type", type(model).__name__))(model)
+    return torch.tensor(family.visual_token_ids(), dtype=torch.long)
 
 
 def tail_length(input_ids: Tensor, labels: Tensor, visual_ids: Tensor) -> int:

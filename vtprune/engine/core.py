@@ -1,4 +1,4 @@
-"""The adapter protocol and the shared hook engine that drops visual tokens inside any transformers 5.x VLM.
+"""The pruning engine: the hooks that drop visual tokens inside any transformers 5.x VLM, composed with a family.
 
 Design (shared/ADAPTERS.md §3): score anywhere, drop in only two kinds of places, because transformers checks that
 the number of image features equals the number of placeholder tokens before it scatters them:
@@ -14,9 +14,10 @@ Survivors keep their original position ids, so RoPE (and Qwen's M-RoPE) sees wha
 too; each decode step translates it into the coordinates of every pruned group of layers. Different kept counts per
 sample are padded on the left with masked filler rows, exactly like left padding.
 
-A family adapter (one file per family) only says where its modules are, which token ids are visual, how the visual
-tokens of a prompt split into images with their grids, and how to capture features at the encoder and projector
-points. Everything else lives here, so pruners work unchanged on every family.
+A family (``vtprune.engine.Family``, one file per family under ``adapters/``) only states facts: which token ids are
+visual, how the visual tokens of a prompt split into images with their grids, and where features of the encoder
+and projector points can be read. The engine holds everything else (the per-call state in ``rows``, the probe in
+``probe``) and never imports a family: it finds one through the registry by ``config.model_type``.
 """
 
 from __future__ import annotations
@@ -25,17 +26,18 @@ import functools
 import logging
 import os
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from vtprune.budget import size_plan, stage_budget
-from vtprune.kernels import attention_rows, compact_sequence, gather_tokens
-from vtprune.point import ENTRY_KINDS, PATTERNS
+from vtprune.engine.family import Family, FamilyView
+from vtprune.engine.probe import make_probe
+from vtprune.engine.rows import CallState, RowGroup
+from vtprune.kernels import compact_sequence, gather_tokens
+from vtprune.point import ENTRY_KINDS
 from vtprune.state import (
     OPTIONAL_IMAGE_FIELDS,
     CallStats,
@@ -49,109 +51,9 @@ from vtprune.state import (
 logger = logging.getLogger("vtprune")
 
 
-@dataclass
-class ImageLayout:
-    """Where one image's tokens sit in the prompt.
-
-    Attributes:
-        sample: batch row.
-        index_in_sample: order of the image within its prompt.
-        positions: (n,) positions of its prunable tokens in the original sequence, in the order the model scattered
-            them. Visual slots that no image lists (layout tokens such as AnyRes row newlines) are always kept.
-        grid: (rows, cols) token grid, or None.
-        kind: "image" or "video" (a video is one entry; its adapter says how its frames map onto ``grid``).
-    """
-
-    sample: int
-    index_in_sample: int
-    positions: Tensor
-    grid: tuple[int, int] | None
-    kind: str = "image"
-
-
-@dataclass
-class _Group:
-    """Decoder layers [start, next group's start) share one kept sequence.
-
-    index/valid: (B, M) positions into the original sequence of the rows these layers hold (fillers: valid False).
-    """
-
-    start: int
-    index: Tensor
-    valid: Tensor
-    layer_kwargs: dict[str, Any] = field(default_factory=dict)
-    identity: bool = False
-
-    def inverse(self, length: int) -> Tensor:
-        """(B, length) original position -> row in this group's sequence, -1 where dropped."""
-        rows = torch.arange(self.index.shape[1], device=self.index.device).expand_as(self.index)
-        rows = torch.where(self.valid, rows, torch.full_like(rows, -1))
-        inv = torch.full((self.index.shape[0], length), -1, dtype=torch.long, device=self.index.device)
-        # amax so that filler rows (which point at position 0 with -1) never overwrite a real entry.
-        return inv.scatter_reduce(1, self.index, rows, reduce="amax")
-
-    def translate_mask(self, mask2d: Tensor, orig_len: int) -> Tensor:
-        """Map a 2-D mask in original coordinates (prompt + generated) to this group's rows."""
-        prompt = mask2d[:, :orig_len].gather(1, self.index) * self.valid.to(mask2d.dtype)
-        return torch.cat((prompt, mask2d[:, orig_len:]), dim=1)
-
-
-@dataclass
-class _CallState:
-    visual_mask: Tensor  # (B, L) bool: the prunable visual tokens, i.e. the positions the images list
-    text_mask: Tensor  # (B, L) bool: tokens that are not visual placeholders
-    orig_len: int
-    images: list[ImageLayout]
-    kept: list[Tensor]  # per image: indices into its original tokens still present
-    alive: list[int]  # per sample: prompt positions still present (padding included), kept on the host
-    unpadded: bool  # the prompt's attention mask had no padding (known on the host)
-    prefill_stages: list[Stage]
-    decode_stages: list[Stage]
-    groups: list[_Group] = field(default_factory=list)
-    mask2d: Tensor | None = None  # (B, L) original prefill mask
-    decode_mask2d: Tensor | None = None  # this decode step's mask in original coordinates
-    phase: str = "prefill"
-    layer: int = 0  # the decoder layer running now (set by its pre-hook)
-    probe_inputs: dict[int, tuple[Tensor, tuple[Tensor, Tensor], Any]] = field(default_factory=dict)
-    stats: CallStats = field(default_factory=CallStats)
-    # Per optional ImageTokens field the pruner needs: per image, its value over the image's original tokens.
-    image_extras: dict[str, list[Tensor | None]] | None = None
-    # Device-side checks of the selections (stage, image, (out of range, duplicate)), read at the end of the call.
-    checks: list[tuple[Stage, int, Tensor]] = field(default_factory=list)
-
-
 def _kwarg_cache(kwargs: dict[str, Any]) -> Any:
     # transformers 5.24 renamed past_key_values -> cache.
     return kwargs.get("cache", kwargs.get("past_key_values"))
-
-
-def encoded_index(images: list[ImageLayout], encoded: dict[str, int], by_kind: bool = True) -> list[int]:
-    """For each image (batch-major), the index of its features among the ``encoded[kind]`` features the vision
-    tower produced for its kind, in scatter order (``by_kind=False``: one list for all kinds, keyed "image").
-
-    From transformers 5.18 ``generate`` encodes each prompt once and only then repeats every prompt ``k`` times
-    (``num_beams``, ``num_return_sequences``; rows b*k .. b*k+k-1 are copies of prompt b), so the copies share their
-    prompt's features. Without such a repeat this is 0, 1, 2, ... per kind.
-    """
-    kinds = [image.kind if by_kind else "image" for image in images]
-    counts = [(kinds.count(kind), n) for kind, n in encoded.items() if n]
-    repeat = 1
-    if counts and all(have % n == 0 for have, n in counts) and len({have // n for have, n in counts}) == 1:
-        repeat = max(1, counts[0][0] // counts[0][1])
-    cursor = dict.fromkeys(encoded, 0)
-    first = dict(cursor)
-    row = -1
-    out = []
-    for image, kind in zip(images, kinds, strict=True):
-        if image.sample != row:
-            row = image.sample
-            if row % repeat == 0:
-                first = dict(cursor)
-            else:
-                cursor = dict(first)
-        out.append(cursor[kind])
-        cursor[kind] += 1
-    return out
 
 
 def _drops_nothing(stage: Stage, ctx: PruneContext) -> bool:
@@ -168,7 +70,7 @@ class _GenerateWrapper:
     """Shadows ``model.generate`` on the instance with a call that marks the adapter as generating and releases
     the call's state when generate returns or raises; ``remove`` restores what was there."""
 
-    def __init__(self, model: nn.Module, adapter: Adapter) -> None:
+    def __init__(self, model: nn.Module, adapter: Engine) -> None:
         self.owner = model
         self.previous = model.__dict__.get("generate")
         inner = model.generate
@@ -191,39 +93,32 @@ class _GenerateWrapper:
                 self.owner.generate = self.previous
 
 
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def _sync_timing(device: torch.device) -> None:
     if device.type == "cuda" and os.environ.get("VTPRUNE_SYNC_TIMING") == "1":
         torch.cuda.synchronize(device)
 
 
-class Adapter(ABC):
-    """Base class of every family adapter; subclasses fill in the family-specific methods at the bottom."""
+class Engine:
+    """Drops visual tokens in one model: installs the hooks a pruner's plan needs and runs every call. ``family``
+    (default: the registered family of ``model.config.model_type``) states the model's facts."""
 
-    model_types: ClassVar[tuple[str, ...]] = ()
-    # The insertion points the family offers, in the vocabulary of ``Pruner.points``.
-    points: ClassVar[tuple[str, ...]] = PATTERNS
+    def __init__(self, model: nn.Module, family: Family | None = None) -> None:
+        if family is None:
+            from vtprune.registry import get_adapter_class
 
-    def __init__(self, model: nn.Module) -> None:
+            model_type = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+            family = get_adapter_class(model_type)(model)
+        self.family = family
         self.model = model
-        self.inner = getattr(model, "model", None)
-        if self.inner is None or not hasattr(self.inner, "language_model"):
-            raise ValueError(
-                f"{type(model).__name__} does not look like a transformers 5.x vision-language model (no "
-                "model.model.language_model). Pass the ...ForConditionalGeneration model."
-            )
-        self.language_model = self.inner.language_model
+        self.inner = family.inner
+        self.language_model = family.language_model
         self.layers = self.language_model.layers
         self.text_config = self.language_model.config
         self.num_layers = len(self.layers)
-        self.visual_ids = torch.tensor(self.visual_token_ids(), dtype=torch.long)
+        self.visual_ids = torch.tensor(family.visual_token_ids(), dtype=torch.long)
         self.pruner: Any = None
         self.needs: frozenset[str] = frozenset()
-        self.state: _CallState | None = None
+        self.state: CallState | None = None
         self.last_stats: CallStats | None = None
         # What the vision-side hooks recorded for the coming prefill, per key (an insertion point, or a family's
         # own key), in call order. From transformers 5.18 generate runs the vision tower before model.forward, so
@@ -238,6 +133,10 @@ class Adapter(ABC):
         self._active = False
         # True inside a wrapped ``generate``; its end releases everything the call held.
         self._generating = False
+        family.attach(FamilyView(self))
+
+    def __repr__(self) -> str:
+        return f"Engine({type(self.family).__name__})"
 
     # ----------------------------------------------------------------------------------------------- install
     def install(self, pruner: Any) -> None:
@@ -253,10 +152,10 @@ class Adapter(ABC):
                     f"{', '.join(allowed) or 'none'}. Pick one of those (e.g. where='{allowed[0] if allowed else ''}' "
                     "for a method that takes where=)."
                 )
-            if stage.point.pattern not in self.points:
+            if stage.point.pattern not in self.family.points:
                 raise ValueError(
-                    f"{type(self).__name__} has no '{stage.point.pattern}' insertion point; it has "
-                    f"{list(self.points)}."
+                    f"{type(self.family).__name__} has no '{stage.point.pattern}' insertion point; it has "
+                    f"{list(self.family.points)}."
                 )
         needs = frozenset(getattr(pruner, "needs", ()))
         if not needs <= set(OPTIONAL_IMAGE_FIELDS):
@@ -287,11 +186,11 @@ class Adapter(ABC):
                 add(attn.register_forward_pre_hook(self._make_probe_capture(stage.layer - 1), with_kwargs=True))
         entry_points = {s.point.kind for s in plan if s.point.kind in ENTRY_KINDS}
         for point in entry_points:
-            add(self.capture_hook(point, self._store_capture(point)))
-        cls_attention = self.vision_cls_attention() if entry_points and "cls_attention" in needs else None
+            add(self.family.capture_hook(point, self.recorder(point)))
+        cls_attention = self.family.vision_cls_attention() if entry_points and "cls_attention" in needs else None
         if cls_attention is not None:
             add(cls_attention.register_forward_pre_hook(self._cls_capture(), with_kwargs=True))
-        for handle in self.family_hooks():
+        for handle in self.family.family_hooks():
             add(handle)
         add(_GenerateWrapper(self.model, self))
 
@@ -316,7 +215,7 @@ class Adapter(ABC):
             self._warned.add(key)
             logger.warning(message)
 
-    def _store_capture(self, key: str) -> Callable[[Any], None]:
+    def recorder(self, key: str) -> Callable[[Any], None]:
         """A callable that appends what a vision-side hook saw to ``self.captured[key]``."""
 
         def store(record: Any) -> None:
@@ -330,12 +229,12 @@ class Adapter(ABC):
     def _cls_capture(self) -> Callable:
         """A pre-hook for the vision encoder's last attention module: records, per vision call, every tile's CLS
         attention row (``cls_attention_row``) under the "cls_attention" key."""
-        store = self._store_capture("cls_attention")
+        store = self.recorder("cls_attention")
 
         def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden = args[0] if args else kwargs["hidden_states"]
             with torch.no_grad():
-                store(self.cls_attention_row(module, hidden))
+                store(self.family.cls_attention_row(module, hidden))
 
         return capture
 
@@ -382,14 +281,14 @@ class Adapter(ABC):
         if not has_image:
             self._warn_once("noimage", "vtprune: prompt without image tokens; running unpruned.")
             return
-        images = self.image_layout(input_ids, visual_mask, kwargs)
+        images = self.family.image_layout(input_ids, visual_mask, kwargs)
         # A visual slot that no image lists (the row newlines of LLaVA-NeXT / OneVision) is layout: it is never
         # dropped and counts neither as a visual token nor as text.
         prunable = torch.zeros_like(visual_mask)
         for im in images:
             # In-place on the sample's row: ``mask[int, index] = True`` would copy the int to the device and sync.
             prunable[im.sample].index_fill_(0, im.positions, True)
-        self.state = _CallState(
+        self.state = CallState(
             visual_mask=prunable,
             text_mask=~visual_mask,
             orig_len=input_ids.shape[1],
@@ -443,7 +342,7 @@ class Adapter(ABC):
             return self._prefill_entry(st, args, kwargs, embeds, mask, cache)
         return self._decode_entry(st, args, kwargs, embeds, mask, cache)
 
-    def _prefill_entry(self, st: _CallState, args, kwargs, embeds, mask, cache):
+    def _prefill_entry(self, st: CallState, args, kwargs, embeds, mask, cache):
         batch, length = embeds.shape[:2]
         if length != st.orig_len:
             raise RuntimeError(f"vtprune: LLM input has {length} tokens, the prompt had {st.orig_len}.")
@@ -454,7 +353,7 @@ class Adapter(ABC):
             position_ids = torch.arange(length, device=embeds.device).expand(batch, length)
         kwargs["position_ids"] = position_ids
         identity = torch.arange(length, device=embeds.device).expand(batch, length)
-        base = _Group(0, identity, torch.ones_like(identity, dtype=torch.bool), identity=True)
+        base = RowGroup(0, identity, torch.ones_like(identity, dtype=torch.bool), identity=True)
         st.groups = [base]
         entry = [s for s in st.prefill_stages if s.layer == 0]
         st.prefill_stages = [s for s in st.prefill_stages if s.layer > 0]
@@ -474,9 +373,9 @@ class Adapter(ABC):
             base = group
         if not base.identity:
             kwargs["attention_mask"] = base.translate_mask(st.mask2d, st.orig_len)
-            self.prune_llm_kwargs(kwargs, base.index, base.valid)
+            self.family.prune_llm_kwargs(kwargs, base.index, base.valid)
             if base.index.shape[1] < st.orig_len:
-                self.layer0_rows_dropped(st.orig_len - base.index.shape[1])
+                self.family.layer0_rows_dropped(st.orig_len - base.index.shape[1])
         self._captures_stale = True
         kwargs["inputs_embeds"] = embeds
         kwargs["position_ids"] = position_ids
@@ -484,7 +383,7 @@ class Adapter(ABC):
         self._finish_stats(st)
         return args, kwargs
 
-    def _decode_entry(self, st: _CallState, args, kwargs, embeds, mask, cache):
+    def _decode_entry(self, st: CallState, args, kwargs, embeds, mask, cache):
         if st.phase == "prefill-llm":
             st.phase = "decode"
             if st.decode_stages:
@@ -530,7 +429,7 @@ class Adapter(ABC):
 
         return hook
 
-    def _prefill_layer(self, st: _CallState, layer_idx: int, args: tuple, kwargs: dict):
+    def _prefill_layer(self, st: CallState, layer_idx: int, args: tuple, kwargs: dict):
         stage = st.prefill_stages.pop(0)
         hidden = args[0] if args else kwargs["hidden_states"]
         current = self._group_of(st, layer_idx)
@@ -566,7 +465,7 @@ class Adapter(ABC):
             kwargs["hidden_states"] = hidden
         return self._replace_layer_kwargs(group, layer_idx, args, kwargs)
 
-    def _replace_layer_kwargs(self, group: _Group, layer_idx: int, args: tuple, kwargs: dict):
+    def _replace_layer_kwargs(self, group: RowGroup, layer_idx: int, args: tuple, kwargs: dict):
         for key, value in group.layer_kwargs.items():
             if key == "attention_mask":
                 value = value[self._layer_type(layer_idx)]
@@ -583,7 +482,7 @@ class Adapter(ABC):
         return capture
 
     # -------------------------------------------------------------------------------------------- machinery
-    def _group_of(self, st: _CallState, layer_idx: int) -> _Group:
+    def _group_of(self, st: CallState, layer_idx: int) -> RowGroup:
         found = st.groups[0]
         for group in st.groups:
             if group.start <= layer_idx:
@@ -594,7 +493,7 @@ class Adapter(ABC):
         types = getattr(self.text_config, "layer_types", None)
         return types[layer_idx] if types else "full_attention"
 
-    def _layer_masks(self, group: _Group, hidden: Tensor, mask2d: Tensor, cache: Any, position_ids: Tensor | None):
+    def _layer_masks(self, group: RowGroup, hidden: Tensor, mask2d: Tensor, cache: Any, position_ids: Tensor | None):
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         masks = {}
@@ -607,16 +506,16 @@ class Adapter(ABC):
             masks[kind] = build(self.text_config, hidden, mask2d, cache, position_ids, layer_idx=layer_idx)
         return masks
 
-    def _group_end(self, group: _Group) -> int:
+    def _group_end(self, group: RowGroup) -> int:
         later = [g.start for g in (self.state.groups if self.state else []) if g.start > group.start]
         return min(later) if later else self.num_layers
 
-    def _entry_features(self, st: _CallState, stage: Stage, embeds: Tensor) -> list[Tensor] | None:
+    def _entry_features(self, st: CallState, stage: Stage, embeds: Tensor) -> list[Tensor] | None:
         if stage.point.kind == "llm":
             return None
         return self._captured_per_image(st, stage.point.kind)
 
-    def _captured_per_image(self, st: _CallState, key: str) -> list[Tensor]:
+    def _captured_per_image(self, st: CallState, key: str) -> list[Tensor]:
         """Per image, (n, C) rows of what the vision-side hooks recorded under ``key``: the features of an insertion
         point, or the (n, 1) CLS attention ("cls_attention", laid out as encoder features by ``cls_attention_tokens``).
         """
@@ -628,9 +527,10 @@ class Adapter(ABC):
                 "features) so the vision tower runs under the hooks."
             )
         if key == "cls_attention":
-            per_image = self.features_per_image("encoder", [self.cls_attention_tokens(r) for r in captured], st.images)
+            rows = [self.family.cls_attention_tokens(r) for r in captured]
+            per_image = self.family.features_per_image("encoder", rows, st.images)
         else:
-            per_image = self.features_per_image(key, captured, st.images)
+            per_image = self.family.features_per_image(key, captured, st.images)
         if len(per_image) != len(st.images) or any(
             f.shape[0] != im.positions.numel() for f, im in zip(per_image, st.images, strict=False)
         ):
@@ -640,15 +540,15 @@ class Adapter(ABC):
             )
         return per_image
 
-    def _image_extras(self, st: _CallState) -> dict[str, list[Tensor | None]]:
+    def _image_extras(self, st: CallState) -> dict[str, list[Tensor | None]]:
         """The optional ImageTokens fields the pruner needs, per image over its original tokens; once per prefill."""
         if st.image_extras is None:
             st.image_extras = {}
             if "global_view" in self.needs:
-                st.image_extras["global_view"] = [self.global_view(im) for im in st.images]
+                st.image_extras["global_view"] = [self.family.global_view(im) for im in st.images]
             if "cls_attention" in self.needs:
                 rows = [None] * len(st.images)
-                if self.vision_cls_attention() is not None:
+                if self.family.vision_cls_attention() is not None:
                     rows = [r[:, 0] for r in self._captured_per_image(st, "cls_attention")]
                 # The paper picks a video's pivot frame by frame; vtprune gives videos no CLS row (see ImageTokens).
                 st.image_extras["cls_attention"] = [
@@ -656,7 +556,7 @@ class Adapter(ABC):
                 ]
         return st.image_extras
 
-    def _context(self, st: _CallState, stage: Stage, current: _Group, features, hidden) -> PruneContext:
+    def _context(self, st: CallState, stage: Stage, current: RowGroup, features, hidden) -> PruneContext:
         inverse = current.inverse(st.orig_len)
         extras = self._image_extras(st) if stage.point.kind in ENTRY_KINDS else {}
         images = []
@@ -697,41 +597,11 @@ class Adapter(ABC):
             attention_rows=rows,
         )
 
-    def _probe(self, st: _CallState, layer_idx: int, key_mask: Tensor) -> Callable[[Tensor], Tensor]:
-        def rows(query_positions: Tensor) -> Tensor:
-            """(B, Q) query rows of the current sequence -> (B, Q, L) head-mean attention of layer K-1."""
-            hidden, (cos, sin), cache = st.probe_inputs[layer_idx]
-            attn = self.layers[layer_idx].self_attn
-            batch, length = hidden.shape[:2]
-            cos = cos.expand(batch, *cos.shape[1:])
-            sin = sin.expand(batch, *sin.shape[1:])
-            q = attn.q_proj(gather_tokens(hidden, query_positions))
-            q = q.view(batch, query_positions.shape[1], -1, attn.head_dim)
-            if hasattr(attn, "q_norm"):
-                q = attn.q_norm(q)
-            q = q.transpose(1, 2)
-            qc, qs = gather_tokens(cos, query_positions)[:, None], gather_tokens(sin, query_positions)[:, None]
-            q = q * qc + _rotate_half(q) * qs
-            return attention_rows(q, self._probe_keys(attn, layer_idx, hidden, cos, sin, cache), query_positions,
-                                  key_mask, attn.scaling)
-
-        return rows
-
-    @staticmethod
-    def _probe_keys(attn: nn.Module, layer_idx: int, hidden: Tensor, cos: Tensor, sin: Tensor, cache: Any) -> Tensor:
-        """(B, Hkv, L, Dh) post-RoPE keys of layer K-1: read from its cache layer (layer K-1 has just written them)
-        rather than recomputing k_proj over the whole sequence; recomputed only without a cache."""
-        batch, length = hidden.shape[:2]
-        layers = getattr(cache, "layers", None)
-        if layers is not None and layer_idx < len(layers):
-            keys = getattr(layers[layer_idx], "keys", None)
-            if isinstance(keys, Tensor) and keys.dim() == 4 and keys.shape[0] == batch and keys.shape[2] == length:
-                return keys
-        k = attn.k_proj(hidden).view(batch, length, -1, attn.head_dim)
-        if hasattr(attn, "k_norm"):
-            k = attn.k_norm(k)
-        k = k.transpose(1, 2)
-        return k * cos[:, None] + _rotate_half(k) * sin[:, None]
+    def _probe(self, st: CallState, layer_idx: int, key_mask: Tensor) -> Callable[[Tensor], Tensor]:
+        inputs = st.probe_inputs.get(layer_idx)
+        if inputs is None:
+            raise RuntimeError(f"vtprune: the inputs of decoder layer {layer_idx} were not recorded for the probe.")
+        return make_probe(self.layers[layer_idx].self_attn, layer_idx, inputs, key_mask)
 
     def _select(self, stage: Stage, ctx: PruneContext) -> tuple[Selection, float]:
         if _drops_nothing(stage, ctx):
@@ -799,7 +669,7 @@ class Adapter(ABC):
                     "distinct indices in 0..ctx.images[j].num_tokens - 1; the output of this call is not valid."
                 )
 
-    def _apply(self, st, stage: Stage, ctx: PruneContext, selection: Selection, seconds: float, current: _Group):
+    def _apply(self, st, stage: Stage, ctx: PruneContext, selection: Selection, seconds: float, current: RowGroup):
         """Record the selection and build the group of rows the following layers hold."""
         alive = current.inverse(st.orig_len) >= 0
         kept_now = []
@@ -831,9 +701,9 @@ class Adapter(ABC):
         width = max(st.alive)
         index = key.sort(dim=1).values[:, -width:]
         valid = index >= 0
-        return _Group(stage.layer, index.clamp(min=0), valid)
+        return RowGroup(stage.layer, index.clamp(min=0), valid)
 
-    def _write_values(self, st, ctx: PruneContext, selection: Selection, group: _Group, hidden: Tensor, point: str):
+    def _write_values(self, st, ctx: PruneContext, selection: Selection, group: RowGroup, hidden: Tensor, point: str):
         if selection.values is None:
             return hidden
         inverse = group.inverse(st.orig_len)
@@ -844,7 +714,7 @@ class Adapter(ABC):
             if values is None:
                 continue
             if point == "encoder":
-                values = self.project(values)
+                values = self.family.project(values)
             rows = inverse[layout.sample, layout.positions[st.kept[j]]]
             written[j] = values.to(hidden.dtype)
             hidden[layout.sample].index_copy_(0, rows, written[j])
@@ -852,7 +722,7 @@ class Adapter(ABC):
         st.stats.stages[-1].values = written
         return hidden
 
-    def _apply_decode_policies(self, st: _CallState, cache: Any) -> None:
+    def _apply_decode_policies(self, st: CallState, cache: Any) -> None:
         if cache is None:
             raise ValueError("A decode-time KV policy needs use_cache=True.")
         for stage in st.decode_stages:
@@ -867,13 +737,13 @@ class Adapter(ABC):
             for lay, (keys, values) in zip(layers, packed.cache, strict=True):
                 lay.keys, lay.values = keys, values
             if stage.layer == 0:
-                self.layer0_rows_dropped(current.index.shape[1] - group.index.shape[1])
+                self.family.layer0_rows_dropped(current.index.shape[1] - group.index.shape[1])
             st.groups = [g for g in st.groups if g.start != stage.layer] + [group]
             st.groups.sort(key=lambda g: g.start)
         st.decode_stages = []
         self._finish_stats(st)
 
-    def _finish_stats(self, st: _CallState) -> None:
+    def _finish_stats(self, st: CallState) -> None:
         # One count per group (a handful), shared by the layers it spans: not a gather and a sum per layer.
         per_group: dict[int, Tensor] = {}
         counts = []
@@ -897,93 +767,3 @@ class Adapter(ABC):
         if group is entry:
             return None
         return entry.inverse(st.orig_len).gather(1, group.index).clamp(min=0), group.valid
-
-    # ------------------------------------------------------------------------------ family-specific methods
-    @abstractmethod
-    def visual_token_ids(self) -> list[int]:
-        """Token ids of the visual placeholders (image and video)."""
-
-    @abstractmethod
-    def image_layout(self, input_ids: Tensor, visual_mask: Tensor, model_kwargs: dict[str, Any]) -> list[ImageLayout]:
-        """Split the visual tokens of a batch into images, batch-major, in the order the model scatters them.
-
-        ``model_kwargs`` are the keyword arguments of this prefill's ``model.model`` call (``image_sizes``,
-        ``image_grid_thw``, ...); from transformers 5.18 ``generate`` encodes the images before that call, so a
-        family that needs image metadata may also record it from its vision-side hooks."""
-
-    def capture_hook(self, point: str, store: Callable[[Any], None]) -> Any:
-        """Register a hook that calls ``store(features)`` with the features at ``point`` (or any record the family's
-        ``features_per_image`` reads) at every vision call; return its handle."""
-        raise ValueError(f"{type(self).__name__} cannot capture features at the '{point}' point; use 'llm:K'.")
-
-    def split_captured(self, point: str, features: Tensor) -> list[Tensor]:
-        """Per-image (n, C) features from what ``capture_hook`` stored."""
-        raise ValueError(f"{type(self).__name__} has no per-image split of '{point}' features; use 'llm:K'.")
-
-    def features_per_image(self, point: str, records: list[Any], images: list[ImageLayout]) -> list[Tensor]:
-        """Per-image (n, C) features, in the order of ``images``, from what ``capture_hook`` stored for this prefill
-        (one record per vision call). The default suits families whose vision tower runs once per prefill; a family
-        that runs it once per modality (images, then videos) overrides this."""
-        features = self.split_captured(point, records[-1])
-        index = encoded_index(images, {"image": len(features)}, by_kind=False)
-        # A count mismatch is reported by the caller, with the counts.
-        return [features[i] for i in index] if index and max(index) < len(features) else features
-
-    def vision_cls_attention(self) -> nn.Module | None:
-        """The self-attention module of the vision encoder's last layer where the encoder prepends a CLS token (row 0
-        of that module's input), else None (the default): pruners that need ``cls_attention`` then get None."""
-        return None
-
-    def cls_attention_row(self, attn: nn.Module, hidden: Tensor) -> Tensor:
-        """(T, 1 + P, C) input of ``vision_cls_attention`` for T tiles -> (T, 1 + P) fp32 head-mean attention
-        probabilities of each tile's CLS query over its CLS (column 0) and its P patches.
-
-        Projects the query of the CLS row only and the keys of all rows: O(T·P·C), not the layer's O(T·P²·C), and
-        independent of the attention backend the encoder runs. The default suits CLIP and InternViT (``q_proj``,
-        ``k_proj``, ``num_heads``, ``head_dim``, ``scale``; InternViT's ``q_norm`` / ``k_norm`` act on the full
-        width, before the split into heads)."""
-        tiles, length = hidden.shape[:2]
-        query, key = attn.q_proj(hidden[:, :1]), attn.k_proj(hidden)
-        if hasattr(attn, "q_norm"):
-            query, key = attn.q_norm(query), attn.k_norm(key)
-        query = query.reshape(tiles, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-        key = key.reshape(tiles, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-        # A ViT attends both ways; the kernel is causal, so the query is placed last, where it sees every key.
-        last = torch.full((tiles, 1), length - 1, dtype=torch.long, device=hidden.device)
-        return attention_rows(query, key, last, None, attn.scale)[:, 0]
-
-    def cls_attention_tokens(self, rows: Tensor) -> Tensor:
-        """(T, 1 + P) rows of ``cls_attention_row`` for one vision call -> (T, t, 1): each tile's CLS attention per
-        token, laid out as the encoder point's capture, so that ``features_per_image`` splits and packs it like
-        features. The default drops the CLS column: the encoder point holds the patches only."""
-        return rows[:, 1:, None]
-
-    def global_view(self, image: ImageLayout) -> Tensor | None:
-        """(n,) bool over an image's prunable tokens, True for its whole-image view; None for a video. The default
-        suits families without tiles: every token of an image."""
-        if image.kind == "video":
-            return None
-        return torch.ones(image.positions.numel(), dtype=torch.bool, device=image.positions.device)
-
-    def family_hooks(self) -> list[Any]:
-        """Register hooks the family needs on every call (e.g. to record image metadata that ``generate`` no longer
-        passes to the model); return their handles (anything with ``remove()``)."""
-        return []
-
-    def prune_llm_kwargs(self, kwargs: dict[str, Any], index: Tensor, valid: Tensor) -> None:
-        """Prune, in ``kwargs``, the LLM inputs besides embeddings, positions and mask that hold one entry per token
-        (Qwen3-VL's deepstack features). The LLM's input is now the (B, M) original rows ``index``; slots with
-        ``valid`` False are fillers. Called once per prefill, after the LLM-entry stages."""
-        return None
-
-    def layer0_rows_dropped(self, count: int) -> None:
-        """Decoder layer 0's cache now holds ``count`` fewer prompt rows than before (LLM-entry pruning, or a decode
-        policy at layer 0): families that derive decode positions from the cache length correct them here."""
-        return None
-
-    def project(self, encoder_features: Tensor) -> Tensor:
-        """Map (n, C_vis) encoder features to the LLM's embedding space, for values written at the encoder point."""
-        raise ValueError(
-            f"{type(self).__name__} cannot map encoder-point values into the LLM space; write values at the "
-            "'projector' point instead."
-        )
