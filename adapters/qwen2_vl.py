@@ -46,6 +46,8 @@ def _grid_argument(args: tuple, kwargs: dict) -> Tensor:
 
 @register_adapter("qwen2_vl")
 class Qwen2VLAdapter(Family):
+    multi_axis_positions = True  # M-RoPE: (3, B, L) position ids (Qwen3-VL: the same rows)
+
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__(model)
         self.visual = self.inner.visual

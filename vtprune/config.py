@@ -12,6 +12,7 @@ from vtprune.point import Point
 
 CONFIG_VERSION = 1
 BUDGETS = ("input", "average")
+POSITIONS = ("original", "renumber")
 
 
 def option_value(text: str) -> Any:
@@ -31,11 +32,17 @@ class PrunerConfig:
         keep: fraction of visual tokens kept per image, in (0, 1].
         budget: "input" counts the visual tokens right after the (first) drop; "average" counts the mean number of
             visual tokens over all LLM layers (the convention of the FastV/PDrop/ApET tables).
+        positions: position ids of the survivors of a drop before the LLM. "original" keeps each token's position
+            in the unpruned prompt (the convention of in-LLM methods: FastV, PDrop, ToDRE); "renumber" gives them
+            the positions the model would give the shorter prompt, as feeding only the kept tokens would (the
+            convention of pre-LLM codes: VisionZip, DivPrune, ApET's LLaVA code). Drops inside the LLM keep the
+            positions their rows had. M-RoPE families (Qwen2/2.5/3-VL) take "original" only.
     """
 
     method: ClassVar[str] = ""
     keep: float = 1.0
     budget: str = "input"
+    positions: str = "original"
 
     def __post_init__(self) -> None:
         if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
@@ -47,6 +54,8 @@ class PrunerConfig:
             )
         if self.budget not in BUDGETS:
             raise ValueError(f"budget={self.budget!r} is not one of {list(BUDGETS)}.")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions={self.positions!r} is not one of {list(POSITIONS)}.")
 
     def replace(self, **changes: Any) -> PrunerConfig:
         return type(self).from_dict({**self.to_dict(), **changes})

@@ -172,6 +172,9 @@ class Engine:
         self._shortens = any(s.fraction < 1.0 or s.adaptive for s in self._prefill_plan)
         if self._decode_plan and self._prefill_plan and self._decode_plan[0].layer < self._prefill_plan[-1].layer:
             raise ValueError("A decode-time KV policy must act at or after the last prefill drop layer.")
+        self.renumber = getattr(pruner.config, "positions", "original") == "renumber"
+        if self.renumber:
+            self._check_renumber()
 
         add = self._handles.append
         add(self.model.register_forward_pre_hook(self._on_top_forward, with_kwargs=True))
@@ -193,6 +196,21 @@ class Engine:
         for handle in self.family.family_hooks():
             add(handle)
         add(_GenerateWrapper(self.model, self))
+
+    def _check_renumber(self) -> None:
+        """positions="renumber" is defined for 1-D positions and for a plan that drops before the LLM."""
+        if self.family.multi_axis_positions:
+            raise ValueError(
+                f"positions='renumber' is not defined for {self.model.config.model_type}: its M-RoPE positions give "
+                "every visual token a (t, h, w) place on the image's grid, and the survivors of a drop form no "
+                "shorter grid the processor could number. Use positions='original' (the default)."
+            )
+        if not any(s.layer == 0 and _may_drop(s) for s in self._prefill_plan):
+            raise ValueError(
+                f"positions='renumber' renumbers the survivors of a drop before the LLM; method '{self.method}' "
+                f"drops only at {sorted({str(s.point) for s in self.plan})}, where tokens keep their positions. "
+                "Use positions='original', or a point before the LLM (encoder, projector, llm:0)."
+            )
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -348,6 +366,7 @@ class Engine:
             raise RuntimeError(f"vtprune: LLM input has {length} tokens, the prompt had {st.orig_len}.")
         st.mask2d = mask if mask is not None else torch.ones(batch, length, dtype=torch.long, device=embeds.device)
         position_ids = kwargs.get("position_ids")
+        given_positions = position_ids is not None
         if position_ids is None:
             # Exactly what the LM would build itself (arange + cache length), made explicit so it can be gathered.
             position_ids = torch.arange(length, device=embeds.device).expand(batch, length)
@@ -373,6 +392,8 @@ class Engine:
             base = group
         if not base.identity:
             kwargs["attention_mask"] = base.translate_mask(st.mask2d, st.orig_len)
+            if self.renumber:
+                position_ids = self._renumbered(st, kwargs["attention_mask"], position_ids, given_positions)
             self.family.prune_llm_kwargs(kwargs, base.index, base.valid)
             if base.index.shape[1] < st.orig_len:
                 self.family.layer0_rows_dropped(st.orig_len - base.index.shape[1])
@@ -382,6 +403,18 @@ class Engine:
         st.phase = "prefill-llm"
         self._finish_stats(st)
         return args, kwargs
+
+    @staticmethod
+    def _renumbered(st: CallState, mask: Tensor, position_ids: Tensor, given: bool) -> Tensor:
+        """The positions the model gives the compacted prompt: as ``generate`` computes them from the 2-D mask where
+        the caller passed position ids, else 0..M-1 (padding and filler rows counted, as the LLM's own arange
+        counts left padding). Records the shift that decode steps take off their positions."""
+        if given:
+            renumbered = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        else:
+            renumbered = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape[0], -1)
+        st.position_shift = position_ids[:, -1] - renumbered[:, -1]
+        return renumbered
 
     def _decode_entry(self, st: CallState, args, kwargs, embeds, mask, cache):
         if st.phase == "prefill-llm":
@@ -403,6 +436,8 @@ class Engine:
         if kwargs.get("position_ids") is None:
             start = st.orig_len + generated
             kwargs["position_ids"] = (torch.arange(q_len, device=embeds.device) + start).expand(batch, q_len)
+        if st.position_shift is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] - st.position_shift[:, None]
         if not group0.identity:
             kwargs["attention_mask"] = group0.translate_mask(mask, st.orig_len)
         return args, kwargs

@@ -57,6 +57,8 @@ class Family(ABC):
     model_types: ClassVar[tuple[str, ...]] = ()
     # The insertion points the family offers, in the vocabulary of ``Pruner.points``.
     points: ClassVar[tuple[str, ...]] = PATTERNS
+    # Position ids with one row per axis (M-RoPE): survivors cannot be renumbered as a shorter grid would be.
+    multi_axis_positions: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

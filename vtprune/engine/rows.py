@@ -59,5 +59,8 @@ class CallState:
     stats: CallStats = field(default_factory=CallStats)
     # Per optional ImageTokens field the pruner needs: per image, its value over the image's original tokens.
     image_extras: dict[str, list[Tensor | None]] | None = None
+    # positions="renumber": (B,) original minus renumbered position of the last prompt row, taken off every decode
+    # step's position ids.
+    position_shift: Tensor | None = None
     # Device-side checks of the selections (stage, image, (out of range, duplicate)), read at the end of the call.
     checks: list[tuple[Stage, int, Tensor]] = field(default_factory=list)
