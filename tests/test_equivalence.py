@@ -56,12 +56,17 @@ def _llm_inputs(model, inputs) -> dict:
     return {key: seen.get(key) for key in keys}
 
 
-def _kept_llm_inputs(llm_inputs: dict, keep: torch.Tensor) -> dict:
-    """The LLM inputs of a batch of one restricted to the (L,) kept positions, which keep their original positions."""
+def _kept_llm_inputs(llm_inputs: dict, keep: torch.Tensor, renumber: bool = False) -> dict:
+    """The LLM inputs of a batch of one restricted to the (L,) kept positions, which keep their original positions
+    (``renumber``: the LLM's own positions for the shorter sequence)."""
     positions = llm_inputs["position_ids"]
+    if renumber:
+        positions = None
+    elif positions is None:
+        positions = torch.arange(keep.numel())[None]
     kept = {
         "inputs_embeds": llm_inputs["inputs_embeds"][:, keep],
-        "position_ids": torch.arange(keep.numel())[keep][None] if positions is None else positions[..., keep],
+        "position_ids": None if positions is None else positions[..., keep],
     }
     visual = llm_inputs["visual_pos_masks"]
     if visual is not None:
@@ -166,7 +171,31 @@ def _staged_reference(model, factory, inputs, handle) -> list:
 
         return hook
 
-    return [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    if handle.config.positions == "renumber":
+        handles.append(_renumbered_positions(model, factory, inputs, stats))
+    return handles
+
+
+def _renumbered_positions(model, factory, inputs, stats):
+    """A hook that gives the reference LLM the positions of positions="renumber": the tokens the drops before the
+    LLM kept are numbered as if the dropped ones were absent (prefill), and decode positions move back by the number
+    of dropped tokens. ``generate`` passes position ids from the mask's cumsum; the engine renumbers them the same
+    way."""
+    stages = stats["samples"][0]["stages"]
+    entry = max(s for s, stage in enumerate(stages) if stage["layer"] == 0 and stage["point"] != "decode")
+    dropped = _dropped(factory, model, inputs, stats, entry)
+    present = inputs["attention_mask"].bool() & ~dropped
+
+    def hook(module, args, kwargs):
+        positions = kwargs["position_ids"]
+        if positions.shape[1] == dropped.shape[1]:
+            kwargs["position_ids"] = (present.long().cumsum(-1) - 1).clamp(min=0)
+        else:
+            kwargs["position_ids"] = positions - dropped.sum(1, keepdim=True)
+        return args, kwargs
+
+    return model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 def _greedy(model, inputs, steps: int = 8):
@@ -211,8 +240,10 @@ def test_pruning_before_llm_equals_feeding_kept_features(case):
         entry = sum(s["layer"] == 0 and s["point"] != "decode" for s in stats["samples"][0]["stages"]) - 1
         keep = ~_dropped(factory, model, inputs, stats, entry)[0]
         embeds = _written_rows(factory, model, inputs, model.vtprune, llm_inputs["inputs_embeds"], entry)
+        renumber = model.vtprune.config.positions == "renumber"
         vtprune.unwrap(model)
-        hidden = model.model.language_model(**_kept_llm_inputs({**llm_inputs, "inputs_embeds": embeds}, keep))
+        kept_inputs = _kept_llm_inputs({**llm_inputs, "inputs_embeds": embeds}, keep, renumber)
+        hidden = model.model.language_model(**kept_inputs)
         if inside:
             hook.remove()
             pruned, reference = seen

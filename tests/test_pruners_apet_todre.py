@@ -13,6 +13,7 @@ from test_equivalence import _dropped, _kept_llm_inputs, _llm_inputs, _written_r
 import vtprune
 from vtprune.budget import size_plan
 from vtprune.pruners.apet import (
+    LLAVA_CODE,
     ApETConfig,
     ApETPruner,
     compress,
@@ -130,7 +131,7 @@ def _image(n: int, budget: int, features=None, sample: int = 0, positions=None, 
 
 def test_apet_select_keeps_everything_unchanged_when_nothing_is_dropped():
     x = torch.randn(12, 8)
-    pruner = ApETPruner(ApETConfig())
+    pruner = ApETPruner(ApETConfig(**LLAVA_CODE))
     selection = pruner.select(PruneContext("projector", 4, [_image(12, 12, x), _image(12, 12, x, index=1)]))
     assert [k.tolist() for k in selection.keep] == [list(range(12))] * 2
     assert selection.values is None
@@ -141,29 +142,28 @@ def test_apet_select_batches_images_and_seeds_the_start():
     images = [_image(30, 12, torch.randn(30, 32, generator=gen), index=i) for i in range(2)]
     images.append(_image(20, 6, torch.randn(20, 32, generator=gen), index=2))
     ctx = PruneContext("projector", 4, images)
-    selection = ApETPruner(ApETConfig()).select(ctx)
+    selection = ApETPruner(ApETConfig(**LLAVA_CODE)).select(ctx)
     for image, kept, values in zip(images, selection.keep, selection.values, strict=True):
         x = image.features[None]
         order, expected = compress(x, image.budget, 10, 1e-5, x.norm(dim=-1).argmax(1))
         assert kept.tolist() == order[0].tolist()
         torch.testing.assert_close(values, expected[0])
-    seeded = ApETPruner(ApETConfig(seed=3))
+    seeded = ApETPruner(ApETConfig(seed=3, **LLAVA_CODE))
     assert [k.tolist() for k in seeded.select(ctx).keep] == [k.tolist() for k in seeded.select(ctx).keep]
 
 
 def test_apet_plan_follows_the_official_split():
     # 32 layers: keep 64/576 on average -> 96 before the LLM, 32 from layer 16 (the released 96/32 scripts).
-    stages = size_plan(ApETPruner(ApETConfig(keep=64 / 576, budget="average")), 32)
+    stages = size_plan(ApETPruner(ApETConfig(keep=64 / 576, budget="average", stage1_point="projector")), 32)
     assert [str(s.point) for s in stages] == ["projector", "llm:16"]
     assert [round(s.fraction * 576) for s in stages] == [96, 32]
     stages = size_plan(ApETPruner(ApETConfig(keep=192 / 576, budget="average", stage1_point="encoder")), 32)
     assert [(str(s.point), round(s.fraction * 576)) for s in stages] == [("encoder", 288), ("llm:16", 96)]
     # K1 capped at n: the second step takes the rest of the mean.
-    first, second = size_plan(ApETPruner(ApETConfig(keep=0.75, budget="average")), 4)
+    first, second = size_plan(ApETPruner(ApETConfig(keep=0.75, budget="average", stage1_point="projector")), 4)
     assert (first.fraction, second.layer, second.fraction) == (1.0, 2, 0.5)
-    assert [(str(s.point), s.fraction) for s in size_plan(ApETPruner(ApETConfig(keep=0.3)), 32)] == [
-        ("projector", 0.3)
-    ]
+    single = size_plan(ApETPruner(ApETConfig(keep=0.3, stage1_point="projector")), 32)
+    assert [(str(s.point), s.fraction) for s in single] == [("projector", 0.3)]
 
 
 def test_apet_config_round_trip():
@@ -368,7 +368,9 @@ def test_unknown_method_suggests_apet():
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", sorted(FACTORIES))
 def test_apet_llm_stage_equals_masked_reference_with_written_rows(family, attn):
-    stats = assert_equals_staged_reference(family, attn, "apet", budget="average", blend="average", llm_lambda=0.1)
+    # On LLaVA-style families the default positions="renumber" renumbers the first stage's survivors too.
+    stats = assert_equals_staged_reference(family, attn, "apet", budget="average", blend="average", llm_lambda=0.1,
+                                           stage1_point="projector")
     for sample in stats["samples"]:
         assert [(s["point"], s["layer"]) for s in sample["stages"]] == [("projector", 0), ("llm", 2)]
         assert all(all(s["wrote_values"]) for s in sample["stages"])
@@ -398,8 +400,11 @@ def test_apet_encoder_point_equals_feeding_the_projected_rows(family):
         assert all(stats["samples"][0]["stages"][0]["wrote_values"])
         embeds = _written_rows(factory, model, inputs, model.vtprune, llm_inputs["inputs_embeds"], 0)
         keep = ~_dropped(factory, model, inputs, stats, 0)[0]
+        renumber = model.vtprune.config.positions == "renumber"  # the LLaVA code's default, resolved by wrap
+        assert renumber
         vtprune.unwrap(model)
-        hidden = model.model.language_model(**_kept_llm_inputs({**llm_inputs, "inputs_embeds": embeds}, keep))
+        kept_inputs = _kept_llm_inputs({**llm_inputs, "inputs_embeds": embeds}, keep, renumber)
+        hidden = model.model.language_model(**kept_inputs)
         torch.testing.assert_close(pruned, model.lm_head(hidden.last_hidden_state), atol=2e-5, rtol=0)
 
 
@@ -428,3 +433,29 @@ def test_stats_stay_json_friendly_with_written_values():
     values = raw.written_values(0)
     kept = stats["samples"][0]["stages"][0]["kept"]
     assert [tuple(v.shape) for v in values] == [(len(k), model.config.text_config.hidden_size) for k in kept]
+
+
+@pytest.mark.parametrize("family", sorted(FACTORIES))
+def test_apet_defaults_follow_the_official_code_of_the_family(family):
+    """LLaVA code: encoder point, overwrite, renumbered positions, λ 1e-5; Qwen code: projector, 0.5/0.5 blend,
+    original (M-RoPE) positions, λ 0.1. Each is switchable, and an explicit value is never overridden."""
+    model = FACTORIES[family].build("sdpa")
+    vtprune.wrap(model, "apet", keep=0.25)
+    config = model.vtprune.config
+    qwen = family.startswith("qwen")
+    expected = ("projector", "average", "original", 0.1) if qwen else ("encoder", "overwrite", "renumber", 1e-5)
+    assert (config.stage1_point, config.blend, config.positions, config.llm_lambda) == expected
+    vtprune.unwrap(model)
+    vtprune.wrap(model, "apet", keep=0.25, blend="overwrite" if qwen else "average", positions="original")
+    assert model.vtprune.config.blend == ("overwrite" if qwen else "average")
+    assert model.vtprune.config.positions == "original"
+
+
+def test_apet_unresolved_defaults_raise_a_clear_error_outside_wrap():
+    x = torch.randn(12, 8)
+    ctx = PruneContext("projector", 4, [_image(12, 4, x)])
+    with pytest.raises(ValueError, match="left to the official code"):
+        ApETPruner(ApETConfig()).select(ctx)
+    pruner = ApETPruner(ApETConfig())
+    pruner.resolve("qwen2_5_vl")
+    assert pruner.config.blend == "average" and len(pruner.select(ctx).keep[0]) == 4

@@ -87,7 +87,8 @@ def wrap(model: nn.Module, method: str | PrunerConfig | dict | os.PathLike, keep
     engine = Engine(model)  # the registered family of model.config.model_type
     pruner = get_pruner_class(config.method)(config)
     engine.install(pruner)
-    model.vtprune = VTPruneHandle(config, pruner, engine)
+    # The config as it runs: fields left to the official code of the family ("auto") are resolved by now.
+    model.vtprune = VTPruneHandle(pruner.config, pruner, engine)
     return model
 
 

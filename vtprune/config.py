@@ -13,6 +13,8 @@ from vtprune.point import Point
 CONFIG_VERSION = 1
 BUDGETS = ("input", "average")
 POSITIONS = ("original", "renumber")
+# A field left to the method's official code for the model's family, resolved when the model is wrapped.
+AUTO = "auto"
 
 
 def option_value(text: str) -> Any:
@@ -36,7 +38,9 @@ class PrunerConfig:
             in the unpruned prompt (the convention of in-LLM methods: FastV, PDrop, ToDRE); "renumber" gives them
             the positions the model would give the shorter prompt, as feeding only the kept tokens would (the
             convention of pre-LLM codes: VisionZip, DivPrune, ApET's LLaVA code). Drops inside the LLM keep the
-            positions their rows had. M-RoPE families (Qwen2/2.5/3-VL) take "original" only.
+            positions their rows had. M-RoPE families (Qwen2/2.5/3-VL) take "original" only. "auto": the
+            method's official convention for the model's family (``Pruner.official_defaults``), set when wrapped;
+            "original" for a method without one.
     """
 
     method: ClassVar[str] = ""
@@ -54,8 +58,8 @@ class PrunerConfig:
             )
         if self.budget not in BUDGETS:
             raise ValueError(f"budget={self.budget!r} is not one of {list(BUDGETS)}.")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions={self.positions!r} is not one of {list(POSITIONS)}.")
+        if self.positions not in (*POSITIONS, AUTO):
+            raise ValueError(f"positions={self.positions!r} is not one of {[*POSITIONS, AUTO]}.")
 
     def replace(self, **changes: Any) -> PrunerConfig:
         return type(self).from_dict({**self.to_dict(), **changes})

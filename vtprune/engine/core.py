@@ -141,7 +141,10 @@ class Engine:
     # ----------------------------------------------------------------------------------------------- install
     def install(self, pruner: Any) -> None:
         """Attach the hooks a pruner's plan needs. ``pruner`` has ``config``, ``points``, ``plan(num_layers)`` and
-        ``select(ctx)``; its plan is sized by ``vtprune.budget.size_plan``."""
+        ``select(ctx)``; its config's "auto" fields are resolved for this family first, then its plan is sized by
+        ``vtprune.budget.size_plan``."""
+        if hasattr(pruner, "resolve"):
+            pruner.resolve(getattr(self.model.config, "model_type", ""))
         plan = size_plan(pruner, self.num_layers)
         self.method = getattr(pruner, "name", "") or pruner.config.method or type(pruner).__name__
         allowed = tuple(getattr(pruner, "points", ()))
@@ -205,7 +208,9 @@ class Engine:
                 "every visual token a (t, h, w) place on the image's grid, and the survivors of a drop form no "
                 "shorter grid the processor could number. Use positions='original' (the default)."
             )
-        if not any(s.layer == 0 and _may_drop(s) for s in self._prefill_plan):
+        # A plan with a stage before the LLM takes it even where that stage keeps everything (keep=1, or ApET's
+        # first stage at a large average budget): there is then nothing to renumber.
+        if not any(s.layer == 0 and s.point.kind != "decode" for s in self.plan):
             raise ValueError(
                 f"positions='renumber' renumbers the survivors of a drop before the LLM; method '{self.method}' "
                 f"drops only at {sorted({str(s.point) for s in self.plan})}, where tokens keep their positions. "

@@ -23,15 +23,21 @@ basis injection into the lowest-error survivors (in index order before the LLM, 
 code's mask assignment and index assignment do), the mean merge ``(x + Σ assigned) / (1 + count)``, the 96 / 32 and
 288 / 96 splits, the LLM stage after decoder layer 15 (input of layer 16).
 
+Defaults per family, as the two official codes (``official_defaults``; every field can be set explicitly):
+- LLaVA code (llava, llava_next, llava_onevision; internvl, whose token-wise projector takes encoder-point values
+  the same way — our choice, the code has no InternVL version): ``stage1_point="encoder"`` (CLIP features before
+  the projector; written values go through it), ``blend="overwrite"``, ``positions="renumber"`` (the code prunes
+  before the LLM, so survivors get contiguous positions), ``llm_lambda=1e-5``.
+- Qwen code (qwen2_vl, qwen2_5_vl, qwen3_vl): ``stage1_point="projector"``, ``blend="average"`` (0.5 / 0.5),
+  ``positions="original"`` (M-RoPE positions are gathered), ``llm_lambda=0.1``.
+
 Differs:
-- ``stage1_point`` defaults to "projector" (Qwen's point; the only one where every family can take written values)
-  — set ``stage1_point="encoder"`` to score and merge CLIP features before the projector, as the LLaVA code does.
 - FPS starts, by default (``seed=None``), at the token of largest norm, for determinism; the code draws the start
   with ``torch.randint``. ``seed=<int>`` draws it from a generator seeded per image.
-- Positions: survivors keep their original position ids everywhere (the LLaVA code renumbers after its LLM stage;
-  the Qwen code gathers, as here).
-- Qwen's LLM-stage λ is 1e-1 in the code (``llm_lambda=0.1``, with ``blend="average"``); note that the released
-  Qwen code has its LLM stage commented out, i.e. it runs stage 1 only (``budget="input"``).
+- Positions: "renumber" renumbers the survivors of the step before the LLM; the LLM step keeps the positions its
+  rows had (the LLaVA code renumbers again after its LLM stage).
+- The released Qwen code has its LLM stage commented out, i.e. it runs stage 1 only (``budget="input"``, our
+  default on every family); ``budget="average"`` runs the paper's two stages.
 - With K ≤ basis_size (tiny budgets the code never runs) the basis shrinks to b = K − 1 tokens so that at least one
   kept token can take merges; b = 0 (K = 1) keeps the largest-norm token and merges everything into it.
 - LLaVA-NeXT: one selection over all the tokens of an image (base + unpadded tiles); the code selects per 576-token
@@ -47,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vtprune.budget import stage_fraction
-from vtprune.config import PrunerConfig
+from vtprune.config import AUTO, PrunerConfig
 from vtprune.point import Point
 from vtprune.pruners.base import Pruner
 from vtprune.registry import register_pruner
@@ -55,6 +61,9 @@ from vtprune.state import PruneContext, Selection, Stage
 
 STAGE1_POINTS = ("encoder", "projector")
 BLENDS = ("overwrite", "average")
+# The choices of the two official codes (see the module docstring); "*" = LLaVA's, for every non-Qwen family.
+LLAVA_CODE = {"stage1_point": "encoder", "blend": "overwrite", "positions": "renumber", "llm_lambda": 1e-5}
+QWEN_CODE = {"stage1_point": "projector", "blend": "average", "positions": "original", "llm_lambda": 0.1}
 
 
 @dataclass(frozen=True)
@@ -62,14 +71,17 @@ class ApETConfig(PrunerConfig):
     """Attributes:
     basis_size: basis tokens per image and stage (the code's ``basis_token_num``, 10).
     stage1_lambda: ridge λ of the step before the LLM (1e-5 in the code).
-    llm_lambda: ridge λ of the step inside the LLM: 1e-5 in the LLaVA code, 1e-1 in the Qwen code.
+    llm_lambda: ridge λ of the step inside the LLM: 1e-5 in the LLaVA code, 1e-1 in the Qwen code (None: the
+        code's value for the model's family).
     llm_layer: decoder layer at whose input the second step runs under ``budget="average"``; None = round(L/2)
         (16 of 32 as in the code; 2 of the 4-layer test models). Must be in 1..L-1.
     stage1_point: "projector" (after the projector, in LLM space; Qwen's point) or "encoder" (CLIP features
-        before the projector, the LLaVA code's point; written values then go through the projector).
+        before the projector, the LLaVA code's point; written values then go through the projector); "auto": the
+        official code's point for the model's family.
     seed: None starts farthest-point sampling at the token of largest norm (deterministic); an int draws the
         start per image from a generator seeded by (seed, image index within its prompt), like the code's randint.
-    blend: how basis vectors enter their slots: "overwrite" (LLaVA code) or "average" (0.5 / 0.5, Qwen code).
+    blend: how basis vectors enter their slots: "overwrite" (LLaVA code) or "average" (0.5 / 0.5, Qwen code);
+        "auto": the official code's for the model's family.
     merge: average every dropped token into its most similar survivor (step 5); False keeps survivors as they are
         (ablation).
     inject: write the basis vectors into the lowest-error survivors (step 4); False keeps those survivors as they
@@ -79,13 +91,14 @@ class ApETConfig(PrunerConfig):
     method = "apet"
     basis_size: int = 10
     stage1_lambda: float = 1e-5
-    llm_lambda: float = 1e-5
+    llm_lambda: float | None = None
     llm_layer: int | None = None
-    stage1_point: str = "projector"
+    stage1_point: str = AUTO
     seed: int | None = None
-    blend: str = "overwrite"
+    blend: str = AUTO
     merge: bool = True
     inject: bool = True
+    positions: str = AUTO
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +108,8 @@ class ApETConfig(PrunerConfig):
             raise ValueError(f"basis_size={self.basis_size} must be at least 1 (the paper uses 10).")
         for name in ("stage1_lambda", "llm_lambda"):
             value = getattr(self, name)
+            if value is None and name == "llm_lambda":
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__}.")
             if not value > 0:
@@ -107,12 +122,12 @@ class ApETConfig(PrunerConfig):
                     f"llm_layer={self.llm_layer} must be >= 1: the second step runs inside the LLM, after the "
                     "first one at its entry. Use budget='input' for a single step before the LLM."
                 )
-        if self.stage1_point not in STAGE1_POINTS:
-            raise ValueError(f"stage1_point={self.stage1_point!r} is not one of {list(STAGE1_POINTS)}.")
+        if self.stage1_point not in (*STAGE1_POINTS, AUTO):
+            raise ValueError(f"stage1_point={self.stage1_point!r} is not one of {[*STAGE1_POINTS, AUTO]}.")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}.")
-        if self.blend not in BLENDS:
-            raise ValueError(f"blend={self.blend!r} is not one of {list(BLENDS)}.")
+        if self.blend not in (*BLENDS, AUTO):
+            raise ValueError(f"blend={self.blend!r} is not one of {[*BLENDS, AUTO]}.")
         for name in ("merge", "inject"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}.")
@@ -212,6 +227,10 @@ class ApETPruner(Pruner):
     points = ("encoder", "projector", "llm:K")
     flash_compatible = True
     needs_training = "none"
+    official_defaults = {
+        **dict.fromkeys(("qwen2_vl", "qwen2_5_vl", "qwen3_vl"), QWEN_CODE),
+        "*": LLAVA_CODE,
+    }
 
     def llm_layer(self, num_layers: int) -> int:
         layer = self.config.llm_layer if self.config.llm_layer is not None else round(num_layers / 2)
@@ -224,6 +243,11 @@ class ApETPruner(Pruner):
 
     def plan(self, num_layers: int) -> list[Stage]:
         keep, point = self.config.keep, self.config.stage1_point
+        if point == AUTO:
+            raise ValueError(
+                "apet's stage1_point is 'auto' (the official code's point for the model's family): wrap the model "
+                "to resolve it, or pass stage1_point='encoder' or 'projector'."
+            )
         if self.config.budget == "input":
             return [Stage(point)]
         layer = self.llm_layer(num_layers)
@@ -236,6 +260,12 @@ class ApETPruner(Pruner):
         return [Stage(point, first), Stage(Point("llm", layer), second)]
 
     def select(self, ctx: PruneContext) -> Selection:
+        unresolved = [name for name in ("blend", "llm_lambda") if getattr(self.config, name) in (AUTO, None)]
+        if unresolved:
+            raise ValueError(
+                f"apet's {unresolved} are left to the official code of the model's family: wrap the model (which "
+                "resolves them), call pruner.resolve(model_type), or set them."
+            )
         inside = ctx.point.kind == "llm"
         lam = self.config.llm_lambda if inside else self.config.stage1_lambda
         keep = [torch.arange(image.num_tokens, device=ctx.device) for image in ctx.images]

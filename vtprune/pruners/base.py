@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from vtprune.config import PrunerConfig, WhereConfig
+from vtprune.config import AUTO, PrunerConfig, WhereConfig
 from vtprune.state import PruneContext, Selection, Stage
 
 
@@ -24,6 +24,9 @@ class Pruner(ABC):
         needs_training: "none", "calibration" or "training".
         needs: optional per-image fields of ``ImageTokens`` the method reads (``state.OPTIONAL_IMAGE_FIELDS``:
             "cls_attention", "global_view"); the adapter computes only these, so other methods pay nothing.
+        official_defaults: where a method's official code differs per model family, the values of its config fields
+            left at "auto" (or None), keyed by ``config.model_type`` with "*" for every other family; ``resolve``
+            applies them when the model is wrapped.
     """
 
     name: ClassVar[str] = ""
@@ -34,6 +37,7 @@ class Pruner(ABC):
     flash_compatible: ClassVar[bool] = True
     needs_training: ClassVar[str] = "none"
     needs: ClassVar[frozenset[str]] = frozenset()
+    official_defaults: ClassVar[dict[str, dict[str, Any]]] = {}
 
     def __init__(self, config: PrunerConfig) -> None:
         if not isinstance(config, self.config_cls):
@@ -44,6 +48,17 @@ class Pruner(ABC):
                 "where=, and its config is not a WhereConfig."
             )
         self.config = config
+
+    def resolve(self, model_type: str) -> None:
+        """Set the config fields left at "auto" (or None, for a field ``official_defaults`` names) to the official
+        code's values for ``model_type``; ``positions`` left at "auto" without one becomes "original". Called by
+        the engine when it installs the method on a model; the resolved config is the one that runs and is saved."""
+        defaults = self.official_defaults.get(model_type, self.official_defaults.get("*", {}))
+        changes = {name: value for name, value in defaults.items() if getattr(self.config, name) in (AUTO, None)}
+        if self.config.positions == AUTO and "positions" not in changes:
+            changes["positions"] = "original"
+        if changes:
+            self.config = self.config.replace(**changes)
 
     def plan(self, num_layers: int) -> list[Stage]:
         """The stages this method drops at, for an LLM with ``num_layers`` decoder layers. A stage without a
