@@ -18,7 +18,7 @@ from vtprune.pruners.uniform import lattice, nearest_present, nearest_present_ro
 from vtprune.state import ImageTokens
 
 
-@pytest.mark.parametrize("num_layers, expected", [(32, (2, 8, 16, 24)), (28, (2, 7, 14, 21)), (4, (0, 1, 2, 3))])
+@pytest.mark.parametrize("num_layers, expected", [(32, (2, 8, 16, 24)), (28, (2, 7, 14, 21)), (12, (1, 3, 6, 9)), (4, (1, 2, 3))])
 def test_default_layers_scale_the_paper_schedule(num_layers, expected):
     assert default_layers(num_layers) == expected
 
@@ -26,17 +26,24 @@ def test_default_layers_scale_the_paper_schedule(num_layers, expected):
 @pytest.mark.parametrize("keep", [0.11, 0.22, 0.33, 0.75])
 @pytest.mark.parametrize("num_layers", [4, 28, 32])
 def test_average_budget_is_met(keep, num_layers):
+    if keep <= 1 / num_layers:
+        # The first bottleneck sits at layer >= 1: layer 0 alone holds 1/L of the full budget.
+        with pytest.raises(ValueError, match="cannot be met with the first bottleneck at layer 1"):
+            schedule_counts(ADSCConfig(keep=keep, budget="average"), num_layers, 576)
+        return
     counts = schedule_counts(ADSCConfig(keep=keep, budget="average"), num_layers, 576)
     # Rounding each bottleneck to whole tokens moves the mean by well under a token per layer.
     assert sum(counts) / num_layers == pytest.approx(keep * 576, abs=1.0)
     assert counts == sorted(counts, reverse=True)
 
 
-def test_input_budget_keeps_keep_at_the_first_bottleneck_then_halves():
+def test_input_budget_keeps_keep_at_the_first_bottleneck_then_the_default_ratio():
     counts = schedule_counts(ADSCConfig(keep=0.25), 32, 576)
     assert counts[:2] == [576, 576]
     assert counts[2] == counts[7] == 144
-    assert counts[8] == 72 and counts[16] == 36 and counts[24] == 18
+    # 0.65 of what is left at each later bottleneck (rounded to whole tokens).
+    assert counts[8] == 94 and counts[16] == 61 and counts[24] == 40
+    assert schedule_counts(ADSCConfig(keep=0.25, ratio=0.5), 32, 576)[8] == 72
     counts = schedule_counts(ADSCConfig(keep=0.25, ratio=1.0, layers=(4,)), 32, 576)
     assert counts == [576] * 4 + [144] * 28
 
