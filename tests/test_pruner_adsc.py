@@ -18,7 +18,8 @@ from vtprune.pruners.uniform import lattice, nearest_present, nearest_present_ro
 from vtprune.state import ImageTokens
 
 
-@pytest.mark.parametrize("num_layers, expected", [(32, (2, 8, 16, 24)), (28, (2, 7, 14, 21)), (12, (1, 3, 6, 9)), (4, (1, 2, 3))])
+@pytest.mark.parametrize("num_layers, expected",
+                         [(32, (2, 8, 16, 24)), (28, (2, 7, 14, 21)), (12, (1, 3, 6, 9)), (4, (1, 2, 3))])
 def test_default_layers_scale_the_paper_schedule(num_layers, expected):
     assert default_layers(num_layers) == expected
 

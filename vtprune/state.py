@@ -65,8 +65,9 @@ class ImageTokens:
             renormalised (where LLaVA's "full" feature strategy keeps the CLS as an image token, its entry is 0). A
             token made of several patches (InternVL's pixel shuffle) gets their summed attention; the tokens of an
             AnyRes tile get the attention of that tile's own CLS. Only where the pruner asks for it (its ``needs``),
-            at the encoder and projector points, for images of families whose encoder has a CLS token; None
-            elsewhere (SigLIP, Qwen's ViTs, videos, LLM stages).
+            at the encoder and projector points, for images and videos of families whose encoder has a CLS token
+            (a video's row spans its frames, each token with its own frame's CLS attention); None elsewhere
+            (SigLIP, Qwen's ViTs, LLM stages).
         global_view: (n,) bool, True for the present tokens of the image's whole-image view: the base image of an
             AnyRes image, the thumbnail tile of a multi-tile InternVL image, every token of a single-view image
             (layout tokens such as row newlines are never image tokens). Only where the pruner asks for it, at the

@@ -589,11 +589,10 @@ class Engine:
             if "cls_attention" in self.needs:
                 rows = [None] * len(st.images)
                 if self.family.vision_cls_attention() is not None:
+                    # A video's row covers all its frames (each token: its own frame's CLS attention), so a method
+                    # that takes the argmax over the video takes the paper's best frame's CLS argmax.
                     rows = [r[:, 0] for r in self._captured_per_image(st, "cls_attention")]
-                # The paper picks a video's pivot frame by frame; vtprune gives videos no CLS row (see ImageTokens).
-                st.image_extras["cls_attention"] = [
-                    None if im.kind == "video" else r for r, im in zip(rows, st.images, strict=True)
-                ]
+                st.image_extras["cls_attention"] = rows
         return st.image_extras
 
     def _context(self, st: CallState, stage: Stage, current: RowGroup, features, hidden) -> PruneContext:

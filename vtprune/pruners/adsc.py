@@ -8,8 +8,8 @@ and the text. Its accuracy claim is for a model fine-tuned with the down-samplin
 over pruning ratios): ``vtprune.train(model, method="adsc", ...)`` runs that recipe.
 
 Schedule (``plan``): bottlenecks at ``layers`` (default: the paper-style 2, 8, 16, 24 of a 32-layer LLM, scaled to
-the model's depth, the first at layer ≥ 1, deduplicated; 1, 2, 3 for 4 layers, 1, 3, 6, 9 for 12). Each bottleneck keeps the same fraction ρ of the
-tokens present before it, so the visual tokens entering the layers are
+the model's depth, the first at layer ≥ 1, deduplicated; 1, 2, 3 for 4 layers, 1, 3, 6, 9 for 12). Each bottleneck
+keeps the same fraction ρ of the tokens present before it, so the visual tokens entering the layers are
     n (layers < l₁),  ρ n (l₁ ≤ layer < l₂),  ρ² n, ...
 ``budget="average"``: ρ is solved (bisection) so that the mean over the L layers is ``keep`` —
 K̄/n = (l₁ + Σ_m ρ^m (l_{m+1} − l_m)) / L. ``budget="input"``: the first bottleneck keeps ``keep`` and each later one

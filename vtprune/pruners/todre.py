@@ -27,14 +27,15 @@ attention read at ℓ = 7L/8 and removal after it (the stage runs at the input o
 k = round(keep·n) before the LLM).
 
 Differs:
-- Pivot without a CLS row (SigLIP in LLaVA-OneVision, Qwen's ViTs, every video) or with no global-view token left
+- Pivot without a CLS row (SigLIP in LLaVA-OneVision, Qwen's ViTs) or with no global-view token left
   by an earlier stage: a seeded random token, as the paper recommends (its appendix: random 95.8% vs CLS 96.0%,
   "Center" the weakest at 10% keep); ``pivot="center"`` gives the nearest-to-mean token (vtprune's default before
   2026-12-01, the accuracy rows in README were measured with it), ``pivot="random"`` a random token everywhere. The
   random index is a function of (``seed``, the image's token count), so batching never changes it.
-- Video: the paper takes each frame's CLS argmax and starts from the best of them; vtprune gives videos no CLS row
-  (their towers have no CLS anyway) and uses the random pivot over the whole video. InternVL frames arrive
-  as separate images: each gets its own CLS pivot and its own selection.
+- Video: the paper takes each frame's CLS argmax and starts from the best of them. A video's ``cls_attention``
+  spans its frames (each token with its own frame's CLS attention), so the pivot rule above is that rule where a
+  tower has a CLS; no supported family has one for video today (LLaVA-OneVision: SigLIP; Qwen: none), so videos take
+  the random pivot. InternVL frames arrive as separate images: each gets its own CLS pivot and its own selection.
 - An InternVL token is a pixel-shuffled 2 x 2 block of ViT patches; its CLS attention is the block's sum (the paper
   does not say).
 - One selection per image / tile group / video with k = keep·n of its own tokens (the paper does not specify
