@@ -46,8 +46,9 @@ HEADS_FILE = "heads.pt"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """One reference run. ``minutes`` is this call's time; ``plan_minutes`` the whole run's (default: minutes)."""
+class RecipeConfig:
+    """One reference run. ``minutes`` is this call's time; ``plan_minutes`` the whole run's (default: minutes).
+    (Not ``vtprune.TrainConfig``, which configures the LoRA recovery fine-tune of ``vtprune.train``.)"""
 
     family: str
     version: int = 2
@@ -178,7 +179,7 @@ def vision_parameters(family: str, model: nn.Module) -> list[nn.Parameter]:
     return [p for m in modules for p in m.parameters()]
 
 
-def learning_rate_scale(config: TrainConfig, phase: str, progress: float, step_in_call: int, resumed: bool) -> float:
+def learning_rate_scale(config: RecipeConfig, phase: str, progress: float, step_in_call: int, resumed: bool) -> float:
     """Multiplier of ``config.lr``: warm-up (a shorter re-warm-up after a resume), then constant, then cosine over
     the last ``decay_fraction`` of the phase (``progress`` in [0, 1] of the phase's planned time)."""
     warmup = config.rewarmup_steps if resumed else config.warmup_steps
@@ -204,7 +205,7 @@ def save(model: nn.Module, heads: nn.Module, spec: reference.FamilySpec, out: Pa
     torch.save({k: v.half() for k, v in heads.state_dict().items()}, out / HEADS_FILE)
 
 
-def train(config: TrainConfig, out: Path, resume: Path | None = None) -> dict:
+def train(config: RecipeConfig, out: Path, resume: Path | None = None) -> dict:
     """Train (or continue) one family; saves the checkpoint, its notes and its resumable state under ``out``."""
     import transformers
     from accelerate import Accelerator
@@ -332,7 +333,7 @@ def _relative(path: Path) -> str:
         return path.name
 
 
-def _dense_step(config: TrainConfig, spec, model, heads, items, device, with_global: bool):
+def _dense_step(config: RecipeConfig, spec, model, heads, items, device, with_global: bool):
     batch = reference.encode(spec, items, device)
     scenes = [it.images[0] for it in items]
     features, cls_vectors, grid, _ = _vision_outputs(config.family, model, batch)
@@ -348,7 +349,7 @@ def _global_loss(spec, heads, cls_vectors, scenes, device) -> torch.Tensor:
     return sum(heads["global"].loss(cls, present, count) for cls in cls_vectors)
 
 
-def _vqa_step(config: TrainConfig, spec, model, heads, items, device):
+def _vqa_step(config: RecipeConfig, spec, model, heads, items, device):
     batch = reference.encode(spec, items, device, with_answers=True)
     towers: list = []
     hook = None
@@ -383,14 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--resume", type=Path, help="a part saved by an earlier call, to continue")
     parser.add_argument("--seed", type=int, default=0)
-    for field in fields(TrainConfig):
+    for field in fields(RecipeConfig):
         if field.name not in ("family", "version", "minutes", "plan_minutes", "seed"):
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
     if args.resume is not None and not (args.resume / STATE_FILE).exists():
         parser.error(f"--resume {args.resume} holds no {STATE_FILE}: give a folder saved by this script.")
-    options = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.name != "version"}
-    notes = train(TrainConfig(**options), args.out, args.resume)
+    options = {f.name: getattr(args, f.name) for f in fields(RecipeConfig) if f.name != "version"}
+    notes = train(RecipeConfig(**options), args.out, args.resume)
     print(json.dumps({k: v for k, v in notes.items() if k != "log"}, indent=2))
     return 0
 

@@ -36,7 +36,7 @@ def test_switches_must_be_booleans(name):
 
 
 def test_coverage_analysis_runs_on_the_reference_checkpoint():
-    from vtprune.eval.apet_coverage import measure
+    from vtprune.eval.jobs.apet_coverage import measure
 
     result = measure("llava", "count", 2, (0.11,))
     assert 0 < result["foreground_share"] < 1 and 0 <= result["basis_on_foreground"] <= 1

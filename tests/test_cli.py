@@ -18,8 +18,12 @@ def test_compare_all_methods_on_the_reference_checkpoint(tmp_path, capsys) -> No
     unpruned = rows[0]
     assert unpruned["visual_in"] == unpruned["K_in"] == 576
     for row in rows[1:]:
-        assert row["K_in"] == round(0.11 * 576)  # on this 4-layer LLM even ADSC drops at the entry (layer 0)
-        assert row["K_avg"] <= 0.12 * 576
+        if row["method"] == "adsc":
+            # Its first bottleneck is at layer 1 (budget "input": keep 0.11 there, then 0.65 of what is left).
+            assert row["K_in"] == 576 and row["K_avg"] < 0.35 * 576
+        else:
+            assert row["K_in"] == round(0.11 * 576)
+            assert row["K_avg"] <= 0.12 * 576
         assert row["kv_bytes"] < unpruned["kv_bytes"]
         assert row["decode_s"] > 0
     assert "not GPU speed-ups" in capsys.readouterr().out

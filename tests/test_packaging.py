@@ -6,6 +6,7 @@ from __future__ import annotations
 import configparser
 import importlib.util
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -53,8 +54,13 @@ def test_wheel_contents(tmp_path):
     if importlib.util.find_spec("build") is None:
         pytest.fail("The 'build' package is missing; install the dev extra: pip install -e '.[dev]'.")
     outdir = tmp_path / "dist"
+    # Built from a copy of the sources: setuptools reuses the checkout's build/ folder, whose stale files from an
+    # earlier build would hide a package that pyproject no longer lists.
+    source = tmp_path / "src"
+    shutil.copytree(REPO_ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "checkpoints"))
     result = _run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(outdir), str(REPO_ROOT)],
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(outdir), str(source)],
         cwd=tmp_path,
     )
     assert result.returncode == 0, (
@@ -79,7 +85,15 @@ def test_wheel_contents(tmp_path):
         "vtprune/adapters/llava.py",
         "vtprune/kernels/__init__.py",
         "vtprune/eval/__init__.py",
+        "vtprune/eval/jobs/fanout.py",
+        "vtprune/eval/benches/harness.py",
     ]
+    # Every package folder of the source tree ships: a new subfolder missing from pyproject's `packages` would
+    # import from a checkout and fail after pip install.
+    for folder, package in (("vtprune", "vtprune"), ("adapters", "vtprune/adapters"), ("kernels", "vtprune/kernels"),
+                            ("eval", "vtprune/eval")):
+        for init in sorted((REPO_ROOT / folder).rglob("__init__.py")):
+            expected.append(f"{package}/{init.relative_to(REPO_ROOT / folder).as_posix()}")
     missing = [path for path in expected if path not in names]
     assert not missing, f"the wheel lacks {missing}; it has {sorted(names)}"
     stray = [n for n in names if n.startswith(("demo/", "tests/", "vtprune/demo"))]

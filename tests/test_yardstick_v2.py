@@ -154,14 +154,14 @@ def test_report_renders_the_gate_table():
 
 
 def test_recipe_trains_saves_and_resumes_on_cpu(tmp_path):
-    from vtprune.eval.train_reference import STATE_FILE, TrainConfig, train
+    from vtprune.eval.train_reference import STATE_FILE, RecipeConfig, train
 
     small = dict(family="llava", batch=3, batch_dense=2, warmup_steps=2)
-    notes = train(TrainConfig(minutes=0.05, plan_minutes=1.0, **small), tmp_path / "part1")
+    notes = train(RecipeConfig(minutes=0.05, plan_minutes=1.0, **small), tmp_path / "part1")
     state = json.loads((tmp_path / "part1" / STATE_FILE).read_text())
     assert state["phase"] == "dense" and state["step"] == notes["steps"] >= 1
     # The second part has no dense time left in its plan: it moves to VQA and continues the step count.
-    train(TrainConfig(minutes=0.05, plan_minutes=1.0, dense_fraction=0.0, **small), tmp_path / "part2",
+    train(RecipeConfig(minutes=0.05, plan_minutes=1.0, dense_fraction=0.0, **small), tmp_path / "part2",
           resume=tmp_path / "part1")
     resumed = json.loads((tmp_path / "part2" / STATE_FILE).read_text())
     assert resumed["phase"] == "vqa" and resumed["step"] > state["step"] and resumed["parts"] == 2
@@ -172,21 +172,21 @@ def test_recipe_trains_saves_and_resumes_on_cpu(tmp_path):
 
 
 def test_recipe_refuses_a_checkpoint_of_another_family(tmp_path):
-    from vtprune.eval.train_reference import TrainConfig, train
+    from vtprune.eval.train_reference import RecipeConfig, train
 
-    train(TrainConfig(family="llava", minutes=0.0, batch=2, batch_dense=2), tmp_path / "llava")
+    train(RecipeConfig(family="llava", minutes=0.0, batch=2, batch_dense=2), tmp_path / "llava")
     with pytest.raises(ValueError, match="not a version-2 internvl checkpoint"):
-        train(TrainConfig(family="internvl", minutes=0.0), tmp_path / "x", resume=tmp_path / "llava")
+        train(RecipeConfig(family="internvl", minutes=0.0), tmp_path / "x", resume=tmp_path / "llava")
 
 
-def test_reference_job_measures_every_row_of_a_checkpoint(tmp_path):
-    from vtprune.eval import reference_job
-    from vtprune.eval.train_reference import TrainConfig, train
+def test_jobs_reference_measures_every_row_of_a_checkpoint(tmp_path):
+    from vtprune.eval.jobs import reference as job
+    from vtprune.eval.train_reference import RecipeConfig, train
 
-    train(TrainConfig(family="llava", minutes=0.0), tmp_path / "llava")
+    train(RecipeConfig(family="llava", minutes=0.0), tmp_path / "llava")
     # Two categories keep it short on CPU (a 12-layer LLM over 577-token images); every row and both splits run.
-    result = reference_job.evaluate_family("llava", tmp_path / "llava", limit=1, keeps=(0.11,), batch_size=8,
-                                           categories=("shape", "count"))
+    result = job.evaluate_family("llava", tmp_path / "llava", limit=1, keeps=(0.11,), batch_size=8,
+                                 categories=("shape", "count"))
     expected = {"unpruned", "blind", "oracle@0.11", "oracle-q@0.11", "cls@0.11", "random@0.11", "uniform@0.11"}
     for split in ("test", "test_shift"):
         rows = {k for k in result[split] if not k.endswith(".seconds")}
@@ -199,12 +199,12 @@ def test_reference_job_measures_every_row_of_a_checkpoint(tmp_path):
     assert gates["unpruned count"]["measured"] is not None
 
 
-def test_reference_job_deadline_marks_rows_not_run_and_report_says_so():
-    from vtprune.eval import reference_job
+def test_jobs_reference_deadline_marks_rows_not_run_and_report_says_so():
+    from vtprune.eval.jobs import reference as job
 
     spec = reference.get_family("llava", 2)
     # A deadline already passed: no row starts, so no model is needed, and each row says why it is missing.
-    rows = reference_job.measure_split(None, spec, "test", 1, (0.11,), 8, deadline=0.0)
+    rows = job.measure_split(None, spec, "test", 1, (0.11,), 8, deadline=0.0)
     assert rows and all("deadline" in v["error"] for k, v in rows.items() if not k.endswith(".seconds"))
     table = report.family_table("llava", rows, 2, "test")
     assert "unpruned row was not measured" in table and "deadline" in table

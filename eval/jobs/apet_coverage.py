@@ -1,6 +1,6 @@
 """Why ApET gains little from a larger budget on the reference checkpoints: where its basis and its kept tokens lie.
 
-    python -m vtprune.eval.apet_coverage --items 48      # CPU, about a minute
+    python -m vtprune.eval.jobs.apet_coverage --items 48      # CPU, about a minute
 
 For each family (LLaVA, InternVL: one raster grid per image) and ``--items`` test items of one category, prints
 - the share of ApET's farthest-point basis tokens that lie on an object (foreground: a token whose cell an object or

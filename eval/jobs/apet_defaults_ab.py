@@ -1,7 +1,7 @@
 """A/B rows of ApET's per-family defaults (issue "Seed methods I") on the reference checkpoints: the official code's
 choices for the family, the previous vtprune defaults, and one switch at a time.
 
-    python -m vtprune.eval.apet_defaults_ab --limit 60 --out eval/results/apet_defaults_ab.json
+    python -m vtprune.eval.jobs.apet_defaults_ab --limit 60 --out eval/results/apet_defaults_ab.json
 
 Accuracy does not depend on the device; this runs on CPU. Image categories of the test split, ``keep=0.11``,
 ``budget="input"`` (one step before the LLM, as the released Qwen code), first ``--limit`` items per category.
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     from vtprune.eval import accuracy, reference
 
     torch.set_num_threads(2)
-    command = "python -m vtprune.eval.apet_defaults_ab " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m vtprune.eval.jobs.apet_defaults_ab " + " ".join(argv if argv is not None else sys.argv[1:])
     out = {"date": time.strftime("%Y-%m-%d"), "card": "cpu", "keep": 0.11, "budget": "input", "limit": args.limit,
            "command": command, "families": {}}
     for family in families:

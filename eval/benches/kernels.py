@@ -1,8 +1,8 @@
 """Benchmark of vtprune's token kernels on a GPU: checks every Triton kernel against the PyTorch reference, times it
 against plain PyTorch, and times an end-to-end prefill of a LLaVA-1.5-7B-shaped random-weight model.
 
-    python -m vtprune.eval.bench_kernels --out $OUT/bench_kernels.json     # on a GPU, about 3 minutes on an H100
-    TRITON_INTERPRET=1 python -m vtprune.eval.bench_kernels --smoke        # tiny shapes on CPU: a dry run
+    python -m vtprune.eval.benches.kernels --out $OUT/bench_kernels.json     # on a GPU, about 3 minutes on an H100
+    TRITON_INTERPRET=1 python -m vtprune.eval.benches.kernels --smoke        # tiny shapes on CPU: a dry run
 
 Sections (a failing section or case prints its traceback and the rest still run):
 
@@ -26,121 +26,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import sys
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-@dataclass(frozen=True)
-class Shapes:
-    """Everything that differs between the GPU run and the CPU smoke run."""
-
-    copy_bytes: int
-    compaction: tuple[tuple[str, int, int, int], ...]  # (name, B, N, M)
-    hidden: int
-    layers: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    probe_batch: int
-    probe_tokens: int
-    probe_queries: tuple[int, ...]
-    probe_long: tuple[tuple[int, int], ...]  # (B, N) extra cases at Q = 32
-    e2e_batch: int
-    vision: dict[str, int]
-    text_tokens: int
-    warmup_ms: int
-    rep_ms: int
-    e2e_warmup_ms: int
-    e2e_rep_ms: int
-
-
-FULL = Shapes(
-    copy_bytes=1 << 30,
-    compaction=(("llava15_b1", 1, 616, 104), ("llava15_b8", 8, 616, 104), ("video32f_b1", 1, 6300, 718)),
-    hidden=4096,
-    layers=32,
-    kv_heads=32,
-    head_dim=128,
-    intermediate=11008,
-    vocab=32064,
-    probe_batch=8,
-    probe_tokens=616,
-    probe_queries=(1, 8, 32),
-    probe_long=((1, 6300), (1, 32768)),
-    e2e_batch=8,
-    vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                image_size=336, patch_size=14),
-    text_tokens=40,
-    warmup_ms=25,
-    rep_ms=100,
-    e2e_warmup_ms=300,
-    e2e_rep_ms=1500,
+from vtprune.eval.benches.harness import (
+    FULL,
+    SMOKE,
+    Report,
+    Shapes,
+    build_llava,
+    default_out,
+    graph_ms,
+    llama_config,
+    llava_inputs,
+    run_meta,
+    timed,
 )
-SMOKE = Shapes(
-    copy_bytes=1 << 20,
-    compaction=(("tiny_b1", 1, 40, 9), ("tiny_b2", 2, 40, 9)),
-    hidden=64,
-    layers=3,
-    kv_heads=4,
-    head_dim=16,
-    intermediate=128,
-    vocab=96,
-    probe_batch=2,
-    probe_tokens=40,
-    probe_queries=(1, 8),
-    probe_long=((1, 150),),
-    e2e_batch=2,
-    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=48,
-                patch_size=6),
-    text_tokens=10,
-    warmup_ms=1,
-    rep_ms=1,
-    e2e_warmup_ms=1,
-    e2e_rep_ms=1,
-)
-
 
 # ------------------------------------------------------------------------------------------------------ helpers
-
-
-def timed(fn: Callable[[], Any], warmup_ms: int, rep_ms: int) -> dict[str, float]:
-    """Median (and p20 / p80) milliseconds of ``fn``: do_bench on CUDA, a few wall-clock runs on CPU."""
-    if torch.cuda.is_available():
-        import triton.testing
-
-        median, p20, p80 = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return {"ms": median, "p20_ms": p20, "p80_ms": p80}
-    fn()
-    runs = []
-    for _ in range(3):
-        started = time.perf_counter()
-        fn()
-        runs.append((time.perf_counter() - started) * 1e3)
-    runs.sort()
-    return {"ms": runs[1], "p20_ms": runs[0], "p80_ms": runs[2]}
-
-
-def graph_ms(fn: Callable[[], Any]) -> float | None:
-    """Median milliseconds of ``fn`` replayed from a CUDA graph: the GPU time alone, without launch overhead. None
-    on CPU, or where ``fn`` cannot be captured (a host sync, as in varlen packing)."""
-    if not torch.cuda.is_available():
-        return None
-    import triton.testing
-
-    try:
-        return float(triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median"))
-    except Exception:  # noqa: BLE001 - capture refuses syncs; that only means there is no graph time
-        torch.cuda.synchronize()
-        return None
 
 
 def nbytes(*tensors: torch.Tensor | None) -> int:
@@ -163,58 +70,6 @@ def same_cache(a: list[tuple[torch.Tensor, torch.Tensor]], b: list[tuple[torch.T
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
-
-
-class Report:
-    """Collects results per section, keeps going after a failure, rewrites the JSON after every section."""
-
-    def __init__(self, out: Path | None, meta: dict[str, Any]) -> None:
-        self.out = out
-        self.data: dict[str, Any] = {"meta": meta, "sections": {}, "errors": {}}
-        self.rows: list[tuple[str, str, str]] = []
-
-    def run(self, name: str, fn: Callable[[], None]) -> None:
-        print(f"\n=== {name}", flush=True)
-        started = time.perf_counter()
-        self.guard(name, fn)
-        self.data["sections"].setdefault(name, {})["seconds"] = round(time.perf_counter() - started, 2)
-        self.save()
-
-    def guard(self, key: str, fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except Exception:  # noqa: BLE001 - a benchmark section must not take the others down with it
-            text = traceback.format_exc()
-            print(text, flush=True)
-            self.data["errors"][key] = text
-            self.rows.append((key, "FAILED", text.strip().splitlines()[-1][:90]))
-        finally:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-
-    def put(self, section: str, key: str, value: Any) -> None:
-        self.data["sections"].setdefault(section, {})[key] = value
-
-    def row(self, name: str, value: str, note: str = "") -> None:
-        self.rows.append((name, value, note))
-        print(f"  {name:<46} {value:>18}  {note}", flush=True)
-
-    def save(self) -> None:
-        if self.out is not None:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.out.write_text(json.dumps(self.data, indent=2))
-
-    def table(self) -> None:
-        print("\n" + "=" * 118)
-        print(f"{'case':<46} {'value':>18}  note")
-        print("-" * 118)
-        for name, value, note in self.rows:
-            print(f"{name:<46} {value:>18}  {note}")
-        print("=" * 118)
-        if self.data["errors"]:
-            print(f"FAILED sections/cases: {sorted(self.data['errors'])}")
-        if self.out is not None:
-            print(f"JSON: {self.out}")
 
 
 # --------------------------------------------------------------------------------------------------- sections
@@ -347,19 +202,6 @@ def bench_compaction(report: Report, shapes: Shapes, device: torch.device) -> No
         report.guard(f"compaction/{name}", case)
 
 
-def llama_config(shapes: Shapes):
-    from transformers import LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=shapes.vocab, hidden_size=shapes.hidden, intermediate_size=shapes.intermediate,
-        num_hidden_layers=shapes.layers, num_attention_heads=shapes.kv_heads, num_key_value_heads=shapes.kv_heads,
-        max_position_embeddings=max(4096, 2 * max(n for _, _, n, _ in shapes.compaction)), rms_norm_eps=1e-5,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    config._attn_implementation = "sdpa"
-    return config
-
-
 def bench_probe(report: Report, shapes: Shapes, device: torch.device) -> None:
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding, rotate_half
 
@@ -449,20 +291,6 @@ def bench_probe(report: Report, shapes: Shapes, device: torch.device) -> None:
         report.guard(f"probe/B{long_batch}_N{long_n}", long_case)
 
 
-def build_llava(shapes: Shapes, device: torch.device, dtype: torch.dtype):
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-
-    text = llama_config(shapes)
-    vision = CLIPVisionConfig(**shapes.vision, projection_dim=shapes.vision["hidden_size"])
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=shapes.vocab - 64,
-                         vision_feature_layer=-2, vision_feature_select_strategy="default",
-                         projector_hidden_act="gelu")
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(config, attn_implementation="sdpa", dtype=dtype)
-    return model.eval()
-
-
 def bench_e2e(report: Report, shapes: Shapes, device: torch.device) -> None:
     import vtprune
 
@@ -475,16 +303,7 @@ def bench_e2e(report: Report, shapes: Shapes, device: torch.device) -> None:
     image_tokens = (shapes.vision["image_size"] // shapes.vision["patch_size"]) ** 2
     batch, text = shapes.e2e_batch, shapes.text_tokens
     length = image_tokens + text
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, config.image_token_id, (batch, length), generator=gen)
-    ids[:, 0] = 1
-    ids[:, 2 : 2 + image_tokens] = config.image_token_id
-    inputs = {
-        "input_ids": ids.to(device),
-        "attention_mask": torch.ones(batch, length, dtype=torch.long, device=device),
-        "pixel_values": torch.randn(batch, 3, shapes.vision["image_size"], shapes.vision["image_size"],
-                                    generator=gen).to(device, dtype),
-    }
+    inputs = llava_inputs(model, shapes, device, dtype)
     keep = 0.11
     # What the uniform pruner keeps at the projector point (checked against its K_in below).
     kept_image = max(1, round(keep * image_tokens))
@@ -568,8 +387,8 @@ def bench_e2e(report: Report, shapes: Shapes, device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_out = Path(os.environ["OUT"]) / "bench_kernels.json" if os.environ.get("OUT") else None
-    parser.add_argument("--out", type=Path, default=default_out, help="JSON path (default $OUT/bench_kernels.json)")
+    parser.add_argument("--out", type=Path, default=default_out("bench_kernels.json"),
+                        help="JSON path (default $OUT/bench_kernels.json)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes, for a dry run on CPU (set TRITON_INTERPRET=1 there)")
     parser.add_argument("--sections", default="copy,compaction,probe,e2e",
@@ -587,14 +406,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # The end-to-end section goes through the public API; send its CPU tensors through the interpreter too.
         vtprune.kernels._force_triton(True)
-    import transformers
     import triton
 
-    meta = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-        "python": sys.version.split()[0], "smoke": args.smoke, "shapes": shapes.__dict__,
-    }
+    meta = run_meta(device, args.smoke, triton=triton.__version__, shapes=shapes.__dict__)
     report = Report(args.out, meta)
     print(json.dumps({k: v for k, v in meta.items() if k != "shapes"}), flush=True)
     torch.manual_seed(0)

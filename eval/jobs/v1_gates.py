@@ -1,6 +1,6 @@
 """The yardstick gates measured on the shipped version-1 checkpoints (CPU), for comparison with version 2.
 
-    python -m vtprune.eval.v1_gates --families llava,internvl --limit 300 --out eval/results/gates_v1.json
+    python -m vtprune.eval.jobs.v1_gates --families llava,internvl --limit 300 --out eval/results/gates_v1.json
 
 Re-measures the object oracle at keep 0.11 (coverage >= 0.2, then a background lattice: the oracle changed with
 yardstick v2) and the share of the top-11% CLS-attention tokens on objects, on the first ``limit`` test items per
@@ -16,7 +16,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-REFERENCE = Path(__file__).resolve().parent / "results" / "reference.json"
+EVAL = Path(__file__).resolve().parents[1]  # the eval/ folder, with results/ inside and checkpoints/ beside it
+REFERENCE = EVAL / "results" / "reference.json"
 
 
 def measure(family: str, limit: int, cls_items: int) -> dict:
@@ -25,7 +26,7 @@ def measure(family: str, limit: int, cls_items: int) -> dict:
 
     from vtprune.eval import accuracy
 
-    checkpoint = Path(__file__).resolve().parent.parent / "checkpoints" / family
+    checkpoint = EVAL.parent / "checkpoints" / family
     model = transformers.AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
     spec = accuracy.family_of(model)
     started = time.time()

@@ -1,8 +1,8 @@
 """Where a training step of the v2 reference recipe spends its time: rendering + encoding, forward + backward +
-optimizer, per family and batch size, alone or with the three families sharing the GPU (as ``reference_job`` runs).
+optimizer, per family and batch size, alone or with the three families sharing the GPU (as ``jobs.reference`` runs).
 
-    python -m vtprune.eval.train_probe --batches 64,256 --out "$OUT/train_probe.json"         # on a GPU
-    python -m vtprune.eval.train_probe --families llava --batches 4 --steps 2 --out /tmp/p.json  # smoke, CPU
+    python -m vtprune.eval.jobs.train_probe --batches 64,256 --out "$OUT/train_probe.json"         # on a GPU
+    python -m vtprune.eval.jobs.train_probe --families llava --batches 4 --steps 2 --out /tmp/p.json  # smoke, CPU
 
 Random weights (a step's time does not depend on them), the recipe's own VQA step (``train_reference._vqa_step``:
 model loss, accuracy syncs, the CLS head through the tower hook), bf16 autocast on CUDA. Times are medians over
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from vtprune.eval.jobs import fanout
 
 FAMILIES = ("llava", "qwen2_5_vl", "internvl")
 
@@ -35,7 +35,7 @@ def probe(family: str, batches: tuple[int, ...], steps: int, profile: bool = Fal
     from torch import nn
 
     from vtprune.eval import reference
-    from vtprune.eval.train_reference import DenseHeads, GlobalHead, TrainConfig, _vqa_step
+    from vtprune.eval.train_reference import DenseHeads, GlobalHead, RecipeConfig, _vqa_step
 
     torch.set_num_threads(4)
     cuda = torch.cuda.is_available()
@@ -50,7 +50,7 @@ def probe(family: str, batches: tuple[int, ...], steps: int, profile: bool = Fal
         heads["global"] = GlobalHead(spec.task, width)
     heads.to(device)
     optimizer = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=1e-4, fused=cuda)
-    config = TrainConfig(family=family)
+    config = RecipeConfig(family=family)
     stream = spec.task.train_stream(spec.categories, seed=0)
 
     def sync() -> None:
@@ -124,20 +124,28 @@ def main(argv: list[str] | None = None) -> int:
     if set(modes) - {"alone", "shared"}:
         parser.error("--modes takes alone and/or shared.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     result: dict = {"date": time.strftime("%Y-%m-%d"), "steps": args.steps}
-    # A fresh pool per mode: a finished worker's cached GPU memory must not starve the next mode's workers.
+    failed = []
+
+    def kept(outcomes: list[fanout.Outcome]) -> dict:
+        failed.extend(o.name for o in outcomes if not o.ok)
+        return {o.name: o.value if o.ok else {"family": o.name, "error": o.error or o.status} for o in outcomes}
+
+    # A fresh worker per family and mode: a finished worker's cached GPU memory must not starve the next ones.
     if "alone" in modes:
         result["alone"] = {}
         for family in families:
-            with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-                result["alone"][family] = pool.submit(probe, family, batches, args.steps, args.profile).result()
+            task = fanout.Task(family, probe, dict(family=family, batches=batches, steps=args.steps,
+                                                   profile=args.profile))
+            result["alone"].update(kept(fanout.run([task], jobs=1)))
             args.out.write_text(json.dumps(result, indent=2) + "\n")  # what finished survives a cut call
     if "shared" in modes:
-        with ProcessPoolExecutor(max_workers=len(families), mp_context=context) as pool:
-            futures = {f: pool.submit(probe, f, batches, args.steps) for f in families}
-            result["shared"] = {f: future.result() for f, future in futures.items()}
+        tasks = [fanout.Task(f, probe, dict(family=f, batches=batches, steps=args.steps)) for f in families]
+        result["shared"] = kept(fanout.run(tasks, jobs=len(tasks)))
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+    if failed:
+        print(f"failed: {failed}", flush=True)
+        return 1
     return 0
 
 

@@ -1,14 +1,14 @@
 """Train the yardstick-v2 reference checkpoints of every family on one GPU, then measure their table and gates.
 
-    python -m vtprune.eval.reference_job --minutes 7 --plan-minutes 15 --eval none --out "$OUT"          # part 1
-    python -m vtprune.eval.reference_job --minutes 8 --plan-minutes 15 --resume parts --eval none --out "$OUT"
-    python -m vtprune.eval.reference_job --minutes 0 --resume checkpoints/v2 --limit 1000 --out "$OUT"  # eval only
+    python -m vtprune.eval.jobs.reference --minutes 7 --plan-minutes 15 --eval none --out "$OUT"          # part 1
+    python -m vtprune.eval.jobs.reference --minutes 8 --plan-minutes 15 --resume parts --eval none --out "$OUT"
+    python -m vtprune.eval.jobs.reference --minutes 0 --resume checkpoints/v2 --limit 1000 --out "$OUT"  # eval only
 
-The families train side by side in worker processes (tiny models leave most of one GPU idle), each saving its
-checkpoint (weights, heads and ``train_state.json``, so a later call resumes it); then each evaluates on ``test``
+The families train side by side in worker processes (``fanout``: tiny models leave most of one GPU idle), each saving
+its checkpoint (weights, heads and ``train_state.json``, so a later call resumes it); then each evaluates on ``test``
 and ``test_shift``: unpruned, blind (every visual token masked), the object oracle and the question-aware oracle at
-keep 0.11, the CLS-attention top-k (towers with a CLS), and ``random`` / ``uniform`` at keep 0.11 / 0.22 / 0.33,
-plus the share of the top-11% CLS-attention tokens on objects; ``accuracy.gates`` turns that into the gates.
+keep 0.11, the CLS-attention top-k (towers with a CLS), and ``random`` / ``uniform`` at keep 0.11 / 0.22 / 0.33, plus
+the share of the top-11% CLS-attention tokens on objects; ``accuracy.gates`` turns that into the gates.
 Checkpoints come back as one tar per family (the device tool returns at most 8 files).
 """
 
@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import tarfile
 import time
 import traceback
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
+
+from vtprune.eval.jobs import fanout
 
 KEEPS = (0.11, 0.22, 0.33)
 SPLITS = ("test", "test_shift")
@@ -129,7 +129,7 @@ def run_family(family: str, minutes: float, plan_minutes: float | None, work: Pa
     """One worker: train (or continue) one family for ``minutes``, then evaluate it unless told not to."""
     import torch
 
-    from vtprune.eval.train_reference import TrainConfig, train
+    from vtprune.eval.train_reference import RecipeConfig, train
 
     torch.set_num_threads(4)  # the workers share the host's cores
     checkpoint = work / family
@@ -138,8 +138,8 @@ def run_family(family: str, minutes: float, plan_minutes: float | None, work: Pa
     try:
         if minutes > 0:
             sizes = {k: v for k, v in (batches or {}).items() if v}
-            notes = train(TrainConfig(family=family, minutes=minutes, plan_minutes=plan_minutes, **sizes), checkpoint,
-                          start)
+            notes = train(RecipeConfig(family=family, minutes=minutes, plan_minutes=plan_minutes, **sizes),
+                          checkpoint, start)
         else:  # evaluation only, of the checkpoint given by --resume
             checkpoint = start
             notes = json.loads((checkpoint / "training.json").read_text())
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=1000, help="items per category of each split")
     parser.add_argument("--eval", choices=("all", "none"), default="all")
     parser.add_argument("--resume", type=Path, help="folder with one checkpoint per family to continue or evaluate")
-    parser.add_argument("--batch", type=int, help="items per VQA batch (default: the recipe's TrainConfig)")
+    parser.add_argument("--batch", type=int, help="items per VQA batch (default: the recipe's RecipeConfig)")
     parser.add_argument("--batch-dense", type=int, help="images per dense pre-training batch (default: the recipe's)")
     parser.add_argument("--deadline", type=float, default=float("inf"),
                         help="seconds from the start after which no new evaluation row starts (rows left are marked)")
@@ -180,13 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     resume = args.resume.resolve() if args.resume else None
-    # CUDA cannot be forked into workers: each starts a fresh interpreter.
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=len(families), mp_context=context) as pool:
-        futures = {f: pool.submit(run_family, f, args.minutes, args.plan_minutes, work, resume,
-                                  args.eval == "all", args.limit, deadline,
-                                  {"batch": args.batch, "batch_dense": args.batch_dense}) for f in families}
-        merged = {"families": {f: future.result() for f, future in futures.items()}}
+    # One worker per family, all at once; --deadline is kept inside each worker (no new row after it), so a worker
+    # is never killed mid-row.
+    tasks = [fanout.Task(family, run_family,
+                         dict(family=family, minutes=args.minutes, plan_minutes=args.plan_minutes, work=work,
+                              resume=resume, evaluate=args.eval == "all", limit=args.limit, deadline=deadline,
+                              batches={"batch": args.batch, "batch_dense": args.batch_dense}))
+             for family in families]
+    outcomes = fanout.run(tasks, jobs=len(tasks))
+    merged = {"families": {o.name: o.value if o.ok else {"family": o.name, "error": o.error} for o in outcomes}}
     for family in families:
         checkpoint = work / family
         if checkpoint.exists() and args.minutes > 0:

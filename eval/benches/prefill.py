@@ -1,12 +1,15 @@
 """Prefill time of every method on a LLaVA-1.5-7B-shaped model, against the unpruned model and each method's ideal.
 
-    python -m vtprune.eval.bench_prefill --out $OUT/bench_prefill.json      # on a GPU, a few minutes on an H100
-    python -m vtprune.eval.bench_prefill --smoke                            # tiny shapes on CPU: a dry run
+    python -m vtprune.eval.benches.prefill --out $OUT/bench_prefill.json      # on a GPU, a few minutes on an H100
+    python -m vtprune.eval.benches.prefill --smoke                            # tiny shapes on CPU: a dry run
 
 Sections (a failing case prints its traceback and the rest still run):
 
 - ``methods``: B = 8 prompts (40 text + 576 image tokens, CLIP-L/336 + Llama-7B, random bf16 weights, sdpa),
-  ``vtprune.wrap(model, method, keep=0.11, budget=...)`` for every method (and both budgets where they differ).
+  ``vtprune.wrap(model, method, keep=0.11, budget=...)`` for every registered method (``vtprune.list_methods()``:
+  a new method is timed with no change here), as ``method/input`` and ``method/average`` where the two budgets plan
+  differently, else once as ``method``; the methods in ``VARIANTS`` are timed once per option set instead
+  (``uniform@projector``, ``uniform@llm:2``, ``todre/maxsum``, ``todre/kcenter``).
   Each is compared with the unpruned model and with its *own ideal*: a hand-written loop over the decoder layers
   that feeds every layer exactly the visual token count the method left there (read from ``last_stats``), with
   the kept rows fixed in advance: the same FLOPs with no selection, no hooks and no bookkeeping. HF's LLaVA forward
@@ -32,7 +35,6 @@ import argparse
 import inspect
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -40,21 +42,45 @@ from typing import Any
 
 import torch
 
-from vtprune.eval.bench_kernels import FULL, SMOKE, Report, Shapes, build_llava, timed
+from vtprune.config import BUDGETS
+from vtprune.eval.benches.harness import (
+    FULL,
+    SMOKE,
+    Report,
+    Shapes,
+    build_llava,
+    default_out,
+    llava_inputs,
+    run_meta,
+    timed,
+)
 from vtprune.eval.measure import cache_of, kv_cache_bytes
+from vtprune.eval.methods import plans_differ
 
 KEEP = 0.11
-METHOD_CASES = (
-    ("uniform@projector", "uniform", {"where": "projector"}),
-    ("uniform@llm:2", "uniform", {"where": "llm:2"}),
-    ("random", "random", {}),
-    ("apet/input", "apet", {"budget": "input"}),
-    ("apet/average", "apet", {"budget": "average"}),
-    ("todre/maxsum", "todre", {}),
-    ("todre/kcenter", "todre", {"selection": "kcenter"}),
-    ("adsc/input", "adsc", {"budget": "input"}),
-    ("adsc/average", "adsc", {"budget": "average"}),
-)
+# Methods whose options change what there is to time: one case per option set (label suffix -> options) instead of
+# the default case. Insertion point for uniform (before the LLM, inside it); ToDRE's two selection rules.
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "uniform": {"@projector": {"where": "projector"}, "@llm:2": {"where": "llm:2"}},
+    "todre": {"/maxsum": {}, "/kcenter": {"selection": "kcenter"}},
+}
+
+
+def method_cases(num_layers: int) -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, method, options) of every registered method on an LLM of ``num_layers`` layers: the ``VARIANTS`` of
+    a method that has them, else ``method/input`` and ``method/average`` where the budgets plan differently, else
+    ``method``."""
+    import vtprune
+
+    cases = []
+    for method in vtprune.list_methods():
+        if method in VARIANTS:
+            cases += [(method + suffix, method, options) for suffix, options in VARIANTS[method].items()]
+        elif plans_differ(method, KEEP, num_layers):
+            cases += [(f"{method}/{budget}", method, {"budget": budget}) for budget in BUDGETS]
+        else:
+            cases.append((method, method, {}))
+    return cases
 
 
 class Bench:
@@ -64,20 +90,10 @@ class Bench:
         self.device = device
         self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.model = build_llava(shapes, device, self.dtype)
-        config = self.model.config
         self.image_tokens = (shapes.vision["image_size"] // shapes.vision["patch_size"]) ** 2
         self.batch, self.text = shapes.e2e_batch, shapes.text_tokens
         self.length = self.image_tokens + self.text
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(3, config.image_token_id, (self.batch, self.length), generator=gen)
-        ids[:, 0] = 1
-        ids[:, 2 : 2 + self.image_tokens] = config.image_token_id
-        size = shapes.vision["image_size"]
-        self.inputs = {
-            "input_ids": ids.to(device),
-            "attention_mask": torch.ones(self.batch, self.length, dtype=torch.long, device=device),
-            "pixel_values": torch.randn(self.batch, 3, size, size, generator=gen).to(device, self.dtype),
-        }
+        self.inputs = llava_inputs(self.model, shapes, device, self.dtype)
         lm = self.model.model.language_model
         params = inspect.signature(type(lm.layers[0]).forward).parameters
         self.cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -174,7 +190,7 @@ def bench_methods(report: Report, bench: Bench, shapes: Shapes, rounds: int, cas
         ordered = sorted(runs, key=lambda t: t["ms"])
         return {**ordered[len(ordered) // 2], "rounds_ms": [round(t["ms"], 3) for t in runs]}
 
-    for label, method, options in METHOD_CASES:
+    for label, method, options in method_cases(num_layers):
         if cases is not None and not any(label.startswith(prefix) for prefix in cases):
             continue
 
@@ -303,13 +319,15 @@ def bench_syncs(report: Report, bench: Bench) -> None:
         report.row("syncs", "skipped", "needs a GPU")
         return
     ours = ("/vtprune/", "/adapters/", "/kernels/", "/pruners/")
+    benches = os.path.dirname(os.path.abspath(__file__))  # this bench and its harness are not the code measured
+    num_layers = len(bench.model.model.language_model.layers)
     results = {}
-    for label, method, options in (("unpruned", None, {}), *METHOD_CASES):
+    for label, method, options in (("unpruned", None, {}), *method_cases(num_layers)):
         sites: dict[str, int] = {}
 
         def record(message, category, filename, lineno, file=None, line=None, sites=sites):
             stack = [f for f in traceback.extract_stack()[:-1] if any(part in f.filename for part in ours)
-                     and "bench_prefill" not in f.filename]
+                     and not f.filename.startswith(benches)]
             where = " <- ".join(f"{f.filename.rsplit('/', 2)[-2]}/{f.filename.rsplit('/', 1)[-1]}:{f.lineno}"
                                 for f in stack[::-1][:3]) or "transformers"
             sites[where] = sites.get(where, 0) + 1
@@ -338,8 +356,8 @@ def bench_syncs(report: Report, bench: Bench) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    default_out = Path(os.environ["OUT"]) / "bench_prefill.json" if os.environ.get("OUT") else None
-    parser.add_argument("--out", type=Path, default=default_out, help="JSON path (default $OUT/bench_prefill.json)")
+    parser.add_argument("--out", type=Path, default=default_out("bench_prefill.json"),
+                        help="JSON path (default $OUT/bench_prefill.json)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, for a dry run on CPU")
     parser.add_argument("--sections", default="methods,selection,profile,syncs",
                         help="comma-separated subset of methods,selection,profile,syncs")
@@ -353,14 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and not args.smoke:
         parser.error("without a GPU only --smoke makes sense (CPU times are no speed claim)")
     shapes = SMOKE if args.smoke else FULL
-    import transformers
-
-    meta = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0],
-        "smoke": args.smoke, "date": time.strftime("%Y-%m-%d"),
-        "command": "python -m vtprune.eval.bench_prefill " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    command = "python -m vtprune.eval.benches.prefill " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = run_meta(device, args.smoke, date=time.strftime("%Y-%m-%d"), command=command)
     report = Report(args.out, meta)
     print(json.dumps(meta), flush=True)
     wanted = [s.strip() for s in args.sections.split(",") if s.strip()]
