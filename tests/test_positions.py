@@ -98,5 +98,5 @@ def test_renumber_is_refused_for_a_plan_without_a_drop_before_the_llm():
     model = FACTORIES["llava"].build("sdpa")
     with pytest.raises(ValueError, match="renumbers the survivors of a drop before the LLM.*llm:2"):
         vtprune.wrap(model, "uniform", keep=0.25, where="llm:2", positions="renumber")
-    with pytest.raises(ValueError, match=r"positions='sideways' is not one of \['original', 'renumber'\]"):
+    with pytest.raises(ValueError, match=r"positions='sideways' is not one of \['original', 'renumber', 'auto'\]"):
         vtprune.wrap(model, "uniform", keep=0.25, positions="sideways")
