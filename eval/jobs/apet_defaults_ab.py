@@ -1,7 +1,8 @@
-"""A/B rows of ApET's per-family defaults (issue "Seed methods I") on the reference checkpoints: the official code's
-choices for the family, the previous vtprune defaults, and one switch at a time.
+"""A/B rows of the seed methods' new defaults (issue "Seed methods I") on the reference checkpoints: ApET's
+per-family official choices, the previous vtprune defaults and one switch at a time; ADSC's schedule.
 
     python -m vtprune.eval.jobs.apet_defaults_ab --limit 60 --out eval/results/apet_defaults_ab.json
+    python -m vtprune.eval.jobs.apet_defaults_ab --method adsc --limit 60 --out eval/results/adsc_schedule_ab.json
 
 Accuracy does not depend on the device; this runs on CPU. Image categories of the test split, ``keep=0.11``,
 ``budget="input"`` (one step before the LLM, as the released Qwen code), first ``--limit`` items per category.
@@ -16,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-# Per family: row name -> ApET options (the rest "auto": the official code's choice for the family).
-ROWS = {
+# Per method and family: row name -> options (the rest: the method's defaults; ApET's "auto" fields take the
+# official code's choice for the family).
+ROWS = {"apet": {
     "llava": {
         "official (encoder, overwrite, renumber)": {},
         "previous default (projector, overwrite, original)": {"stage1_point": "projector", "positions": "original"},
@@ -29,20 +31,27 @@ ROWS = {
         "official (projector, average, original)": {},
         "previous default (projector, overwrite, original)": {"blend": "overwrite"},
     },
-}
+}, "adsc": {
+    "llava": {
+        "default (first bottleneck at layer >= 1, ratio 0.65)": {},
+        "previous default (layers 0, 1, 2, 3; ratio 0.5)": {"layers": (0, 1, 2, 3), "ratio": 0.5},
+    },
+}}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="apet", choices=sorted(ROWS))
     parser.add_argument("--limit", type=int, default=60, help="items per category")
-    parser.add_argument("--families", default=",".join(ROWS))
+    parser.add_argument("--families", help="default: every family the method has rows for")
     parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    families = [f for f in args.families.split(",") if f]
-    unknown = sorted(set(families) - set(ROWS))
+    rows_of = ROWS[args.method]
+    families = [f for f in (args.families or ",".join(rows_of)).split(",") if f]
+    unknown = sorted(set(families) - set(rows_of))
     if unknown or args.limit < 1:
-        parser.error(f"families must be among {list(ROWS)} and --limit >= 1 (got {unknown}, {args.limit}).")
+        parser.error(f"families must be among {list(rows_of)} and --limit >= 1 (got {unknown}, {args.limit}).")
     missing = [f for f in families if not (args.checkpoints / f / "config.json").is_file()]
     if missing:
         parser.error(f"no checkpoint for {missing} under {args.checkpoints}.")
@@ -62,13 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         spec = reference.spec_for(transformers.AutoConfig.from_pretrained(checkpoint))
         model = getattr(transformers, spec.model_class).from_pretrained(checkpoint, dtype=torch.float32).eval()
         categories = list(spec.task.IMAGE_CATEGORIES)
-        rows = {"unpruned": {}, **ROWS[family]}
+        rows = {"unpruned": {}, **rows_of[family]}
         results = {}
         for name, options in rows.items():
             started = time.time()
             if name != "unpruned":
-                vtprune.wrap(model, "apet", keep=0.11, budget="input", **options)
-                resolved = {k: getattr(model.vtprune.config, k) for k in ("stage1_point", "blend", "positions")}
+                vtprune.wrap(model, args.method, keep=0.11, budget="input", **options)
+                resolved = model.vtprune.config.to_dict()
             try:
                 per = accuracy.evaluate(model, spec, categories, limit=args.limit, batch_size=30, progress=False)
             finally:
