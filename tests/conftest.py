@@ -553,7 +553,17 @@ def matrix_points(method: str) -> list[str | None]:
     cls = get_pruner_class(method)
     if not issubclass(cls.config_cls, WhereConfig):
         return [None]
-    return [where for pattern in cls.points for where in MATRIX_POINTS[pattern]]
+    # A config may narrow a pattern (FastV scores with layer K-1's attention: llm:K with K >= 1); it refuses the
+    # others with a ValueError, which the bad-arguments tests check.
+    return [where for pattern in cls.points for where in MATRIX_POINTS[pattern] if _accepts(cls.config_cls, where)]
+
+
+def _accepts(config_cls, where: str) -> bool:
+    try:
+        config_cls(where=where)
+    except ValueError:
+        return False
+    return True
 
 
 FACTORIES = {

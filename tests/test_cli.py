@@ -18,9 +18,9 @@ def test_compare_all_methods_on_the_reference_checkpoint(tmp_path, capsys) -> No
     unpruned = rows[0]
     assert unpruned["visual_in"] == unpruned["K_in"] == 576
     for row in rows[1:]:
-        if row["method"] == "adsc":
-            # Its first bottleneck is at layer 1 (budget "input": keep 0.11 there, then 0.65 of what is left).
-            assert row["K_in"] == 576 and row["K_avg"] < 0.35 * 576
+        if row["method"] in ("adsc", "fastv"):
+            # They drop inside the LLM only (ADSC from layer 1, FastV at layer 2): layer 0 holds every token.
+            assert row["K_in"] == 576 and row["K_avg"] < 0.6 * 576
         else:
             assert row["K_in"] == round(0.11 * 576)
             assert row["K_avg"] <= 0.12 * 576
