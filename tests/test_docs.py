@@ -19,16 +19,22 @@ from .conftest import FACTORIES, Prompt
 DOC = Path(__file__).resolve().parent.parent / "docs" / "adding_a_method.md"
 
 
+def _run_doc_code(monkeypatch, doc: Path, table: str, module_name: str) -> dict:
+    """Execute the one python block of ``doc`` in a private copy of the registry table ``table`` (PRUNERS or
+    ADAPTERS), so the registry-driven matrix never sees what it registers."""
+    registry._load_builtins()
+    monkeypatch.setattr(registry, table, dict(getattr(registry, table)))
+    (code,) = re.findall(r"```python\n(.*?)```", doc.read_text(), flags=re.S)
+    module = types.ModuleType(module_name)
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up
+    exec(compile(code, str(doc), "exec"), module.__dict__)
+    return module.__dict__
+
+
 @pytest.fixture
 def example_method(monkeypatch):
-    """Execute the doc's example in a private copy of the registry, so the matrix never sees it."""
-    registry._load_builtins()
-    monkeypatch.setattr(registry, "PRUNERS", dict(registry.PRUNERS))
-    (code,) = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    module = types.ModuleType("docs_example")
-    monkeypatch.setitem(sys.modules, module.__name__, module)  # dataclasses look their module up
-    exec(compile(code, str(DOC), "exec"), module.__dict__)
-    return module.__dict__
+    """The method doc's example, registered privately."""
+    return _run_doc_code(monkeypatch, DOC, "PRUNERS", "docs_example")
 
 
 def test_the_example_method_keeps_the_largest_norm_tokens(example_method) -> None:
@@ -68,14 +74,8 @@ MODEL_DOC = DOC.parent / "adding_a_model.md"
 
 @pytest.fixture
 def example_family(monkeypatch):
-    """Execute the model doc's family file in a private copy of the family registry."""
-    registry._load_builtins()
-    monkeypatch.setattr(registry, "ADAPTERS", dict(registry.ADAPTERS))
-    (code,) = re.findall(r"```python\n(.*?)```", MODEL_DOC.read_text(), flags=re.S)
-    module = types.ModuleType("docs_family")
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    exec(compile(code, str(MODEL_DOC), "exec"), module.__dict__)
-    return module.__dict__
+    """The model doc's family file, registered privately."""
+    return _run_doc_code(monkeypatch, MODEL_DOC, "ADAPTERS", "docs_family")
 
 
 @pytest.mark.parametrize("where", ["projector", "llm:2"])
