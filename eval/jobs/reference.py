@@ -9,7 +9,7 @@ its checkpoint (weights, heads and ``train_state.json``, so a later call resumes
 and ``test_shift``: unpruned, blind (every visual token masked), the object oracle and the question-aware oracle at
 keep 0.11, the CLS-attention top-k (towers with a CLS), and ``random`` / ``uniform`` at keep 0.11 / 0.22 / 0.33, plus
 the share of the top-11% CLS-attention tokens on objects; ``accuracy.gates`` turns that into the gates.
-Checkpoints come back as one tar per family (the device tool returns at most 8 files).
+Checkpoints come back as one ``<family>.tar.gz`` per family (the device tool returns at most 8 files).
 """
 
 from __future__ import annotations
@@ -125,8 +125,9 @@ class _Wrapped:
 
 
 def run_family(family: str, minutes: float, plan_minutes: float | None, work: Path, resume: Path | None,
-               evaluate: bool, limit: int | None, deadline: float = float("inf"), batches: dict | None = None) -> dict:
-    """One worker: train (or continue) one family for ``minutes``, then evaluate it unless told not to."""
+               evaluate: bool, limit: int | None, deadline: float = float("inf"), recipe: dict | None = None) -> dict:
+    """One worker: train (or continue) one family for ``minutes``, then evaluate it unless told not to; ``recipe``
+    overrides ``RecipeConfig`` fields (a value of None keeps the recipe's default)."""
     import torch
 
     from vtprune.eval.train_reference import RecipeConfig, train
@@ -137,8 +138,8 @@ def run_family(family: str, minutes: float, plan_minutes: float | None, work: Pa
     result: dict = {"family": family}
     try:
         if minutes > 0:
-            sizes = {k: v for k, v in (batches or {}).items() if v}
-            notes = train(RecipeConfig(family=family, minutes=minutes, plan_minutes=plan_minutes, **sizes),
+            chosen = {k: v for k, v in (recipe or {}).items() if v is not None}
+            notes = train(RecipeConfig(family=family, minutes=minutes, plan_minutes=plan_minutes, **chosen),
                           checkpoint, start)
         else:  # evaluation only, of the checkpoint given by --resume
             checkpoint = start
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, help="folder with one checkpoint per family to continue or evaluate")
     parser.add_argument("--batch", type=int, help="items per VQA batch (default: the recipe's RecipeConfig)")
     parser.add_argument("--batch-dense", type=int, help="images per dense pre-training batch (default: the recipe's)")
+    parser.add_argument("--dense-fraction", type=float,
+                        help="longest share of the plan in dense pre-training (default: the recipe's)")
     parser.add_argument("--deadline", type=float, default=float("inf"),
                         help="seconds from the start after which no new evaluation row starts (rows left are marked)")
     args = parser.parse_args(argv)
@@ -172,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown families {unknown}; choose from {list(FAMILIES)}.")
     if any(b is not None and b < 1 for b in (args.batch, args.batch_dense)):
         parser.error("--batch and --batch-dense must be at least 1.")
+    if args.dense_fraction is not None and not 0 <= args.dense_fraction <= 1:
+        parser.error(f"--dense-fraction must be in [0, 1], got {args.dense_fraction}.")
     if args.minutes == 0 and args.resume is None:
         parser.error("--minutes 0 evaluates existing checkpoints: give them with --resume DIR.")
 
@@ -185,14 +190,15 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [fanout.Task(family, run_family,
                          dict(family=family, minutes=args.minutes, plan_minutes=args.plan_minutes, work=work,
                               resume=resume, evaluate=args.eval == "all", limit=args.limit, deadline=deadline,
-                              batches={"batch": args.batch, "batch_dense": args.batch_dense}))
+                              recipe={"batch": args.batch, "batch_dense": args.batch_dense,
+                                      "dense_fraction": args.dense_fraction}))
              for family in families]
     outcomes = fanout.run(tasks, jobs=len(tasks))
     merged = {"families": {o.name: o.value if o.ok else {"family": o.name, "error": o.error} for o in outcomes}}
     for family in families:
         checkpoint = work / family
         if checkpoint.exists() and args.minutes > 0:
-            with tarfile.open(args.out / f"{family}.tar", "w") as tar:
+            with tarfile.open(args.out / f"{family}.tar.gz", "w:gz") as tar:  # one file back of at most 16 MiB
                 tar.add(checkpoint, arcname=family)
     (args.out / "reference.json").write_text(json.dumps(merged, indent=2) + "\n")
     failed = [f for f, r in merged["families"].items() if "error" in r]
