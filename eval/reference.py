@@ -229,9 +229,10 @@ def _qwen_patches(frames: Tensor, temporal: int = 2, patch: int = 14, merge: int
 
 def encode(spec: FamilySpec, items: list[synth.Item], device: torch.device | str = "cpu",
            with_answers: bool = False) -> dict[str, Tensor]:
-    """Model inputs for a batch of items, left-padded; with_answers appends answer + eos and returns labels."""
+    """Model inputs for a batch of items, left-padded; with_answers appends the answer's words + eos and returns
+    labels on them (-100 elsewhere)."""
     ids = vocab(spec)
-    rows, pixels, videos, image_grids, video_grids = [], [], [], [], []
+    rows, pixels, videos, image_grids, video_grids, supervised = [], [], [], [], [], []
     for item in items:
         tokens: list[int] = []
         media = iter(item.images if item.kind != "video" else [item.images])
@@ -259,7 +260,8 @@ def encode(spec: FamilySpec, items: list[synth.Item], device: torch.device | str
                 pixels.append(scene)
                 image_grids.append(grid)
         if with_answers:
-            tokens += [ids[item.answer], ids["</s>"]]
+            tokens += [ids[w] for w in item.answer.split()] + [ids["</s>"]]
+            supervised.append(len(item.answer.split()) + 1)
         rows.append(tokens)
 
     width = max(len(r) for r in rows)
@@ -271,7 +273,8 @@ def encode(spec: FamilySpec, items: list[synth.Item], device: torch.device | str
     batch: dict[str, Tensor] = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
     if with_answers:
         labels = torch.full_like(input_ids, -100)
-        labels[:, -2:] = input_ids[:, -2:]
+        for b, count in enumerate(supervised):
+            labels[b, -count:] = input_ids[b, -count:]
         batch["labels"] = labels.to(device)
 
     render = spec.task.render

@@ -110,9 +110,16 @@ CHANCE = {c: 1 / len(a) for c, a in ANSWERS.items()} | {
     "incontext": (1 / len(COLOUR_NAMES) + 1 / len(SHAPE_NAMES)) / 2}
 
 
+# Training only (never a test category): "describe" items, whose answer lists every object as colour, shape and
+# quadrant, and every tag as colour, "tag", character, in reading order. Many supervised words per image, each
+# needing the LLM to find one object among the visual tokens: the image-captioning stage of a real VLM's recipe.
+CAPTION = "caption"
+CAPTION_PROMPT = "describe the image ?"
+
+
 def vocabulary() -> list[str]:
     """Every word a prompt or an answer can contain (a word-level tokenizer covers the set exactly)."""
-    words = [w for q in QUESTIONS.values() for w in q.split() if not w.startswith("{")]
+    words = [w for q in (*QUESTIONS.values(), CAPTION_PROMPT) for w in q.split() if not w.startswith("{")]
     words += [w for answers in ANSWERS.values() for w in answers]
     return list(dict.fromkeys(words))
 
@@ -452,6 +459,31 @@ def make_item(split: str, category: str, index: int, *, shots: int = 2) -> Item:
         return Item(category, QUESTIONS["incontext"], labels[-1], scenes, "multi", demo_answers=labels[:-1], **where)
     frames, question, answer = _VIDEO_BUILDERS[category](draw, _scene(rng, family, []))
     return Item(category, question, answer, frames, "video", **where)
+
+
+def quadrant_of(x: float, y: float) -> str:
+    """The QUADRANTS word of a centre (x, y) in [0, 1]."""
+    return QUADRANTS[(2 if y >= 0.5 else 0) + (1 if x >= 0.5 else 0)]
+
+
+def caption_item(scene: Scene, **where) -> Item:
+    """A training "describe" item of one scene: its objects then its tags, in reading order (rows of quadrants,
+    then left to right), each object as "colour shape quadrant", each tag as "colour tag character"."""
+    def order(thing) -> tuple[int, float, float]:
+        return QUADRANTS.index(quadrant_of(thing.x, thing.y)), thing.y, thing.x
+
+    words: list[str] = []
+    for obj in sorted(scene.objects, key=order):
+        words += [COLOUR_NAMES[obj.colour], SHAPE_NAMES[obj.shape], quadrant_of(obj.x, obj.y)]
+    for tag in sorted(scene.tags, key=order):
+        words += [COLOUR_NAMES[tag.colour], "tag", CHARS[tag.char].lower()]
+    return Item(CAPTION, CAPTION_PROMPT, " ".join(words), [scene], "image", **where)
+
+
+def caption_stream(seed: int = 0) -> Iterator[Item]:
+    """An unbounded stream of caption items over the scenes of the image categories' training items."""
+    for item in train_stream(IMAGE_CATEGORIES, seed=seed):
+        yield caption_item(item.images[0], background=item.background, cluttered=item.cluttered)
 
 
 def split_items(split: str, category: str, limit: int | None = None) -> list[Item]:

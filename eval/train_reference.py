@@ -15,7 +15,12 @@ Recipe of yardstick version 2 (issue "Yardstick v2"; version 1 was trained by th
    glyph accuracy on glyph patches ``glyph_gate``, or after ``dense_fraction`` of the planned time;
 2. **VQA**: the whole model on single-word answers (loss on the answer and the end-of-sequence token), the vision
    side at ``vision_lr_scale`` of the learning rate, categories mixed inside every batch, answers balanced per
-   category; the global head keeps training at ``global_weight_vqa``. Learning rate: linear warm-up, constant,
+   category; the global head keeps training at ``global_weight_vqa``. A ``caption_share`` of the items are
+   "describe the image" captions (``synth_v2.caption_item``: every object's colour, shape and quadrant and every
+   tag's character, in reading order), the captioning stage of a real VLM recipe: many supervised words per image,
+   each one needing the LLM to find an object among the visual tokens (added after runs 1 and 2, which had none,
+   stayed at chance: the v2 prompt puts the image before the question, so the last token must retrieve from the
+   image, where v1's question-first prompt let the visual tokens read the question). Learning rate: linear warm-up, constant,
    then a cosine decay over the last ``decay_fraction`` of the planned VQA time (a warm-up suited to depth: the
    12-layer LLMs diverge without it).
 No random token drops are used in training (the models are not made robust to pruning beyond what the task gives).
@@ -43,6 +48,7 @@ from vtprune.eval import reference
 
 STATE_FILE = "train_state.json"
 HEADS_FILE = "heads.pt"
+ABLATION_FIELDS = ("text_layers", "categories", "log_every")  # set by jobs.recipe_ablation, not by this CLI
 
 
 @dataclass(frozen=True)
@@ -67,12 +73,21 @@ class RecipeConfig:
     decay_fraction: float = 0.3
     batch: int = 64  # items per VQA batch (in-context items hold 3 images, videos 8 frames)
     batch_dense: int = 64
+    caption_share: float = 0.3  # share of VQA-phase items that are "describe" captions (synth_v2.caption_item)
     seed: int = 0
+    # Ablations only (``jobs.recipe_ablation``): a checkpoint trained with these is not a yardstick checkpoint.
+    text_layers: int | None = None  # LLM depth instead of the spec's
+    categories: tuple[str, ...] | None = None  # VQA categories instead of all of the family's
+    log_every: int = 200
 
     def __post_init__(self) -> None:
         if self.minutes < 0 or (self.plan_minutes is not None and self.plan_minutes <= 0):
             raise ValueError("minutes must be >= 0 and plan_minutes > 0.")
-        for name in ("dense_fraction", "decay_fraction", "shape_gate", "glyph_gate"):
+        if self.text_layers is not None and self.text_layers < 1:
+            raise ValueError(f"text_layers must be at least 1, got {self.text_layers}.")
+        if self.log_every < 1:
+            raise ValueError(f"log_every must be at least 1, got {self.log_every}.")
+        for name in ("dense_fraction", "decay_fraction", "shape_gate", "glyph_gate", "caption_share"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
 
@@ -224,7 +239,10 @@ def train(config: RecipeConfig, out: Path, resume: Path | None = None) -> dict:
         model = model_cls.from_pretrained(resume, dtype=torch.float32)
         state = json.loads((resume / STATE_FILE).read_text())
     else:
-        model = model_cls._from_config(reference.build_config(spec), dtype=torch.float32)
+        model_config = reference.build_config(spec)
+        if config.text_layers is not None:
+            model_config.text_config.num_hidden_layers = config.text_layers
+        model = model_cls._from_config(model_config, dtype=torch.float32)
     model.to(device).train()
     qwen = config.family == "qwen2_5_vl"
     width = model.config.vision_config.out_hidden_size if qwen else model.config.vision_config.hidden_size
@@ -251,7 +269,11 @@ def train(config: RecipeConfig, out: Path, resume: Path | None = None) -> dict:
     dense_plan = plan * config.dense_fraction
     seed = config.seed + 1000 * state["parts"]  # a resumed part draws fresh training items
     image_stream = task.train_stream(task.IMAGE_CATEGORIES, seed=seed + 1)
-    vqa_stream = task.train_stream(spec.categories, seed=seed)
+    if config.categories is not None and not set(config.categories) <= set(spec.categories):
+        raise ValueError(f"categories {sorted(set(config.categories) - set(spec.categories))} are not "
+                         f"{config.family}'s; choose from {list(spec.categories)}.")
+    vqa_stream = _with_captions(task, task.train_stream(config.categories or spec.categories, seed=seed),
+                                config.caption_share, seed)
     started = time.time()
     call_steps, log, running = 0, [], {}
     bar = tqdm(total=int(config.minutes * 60), unit="s", desc=f"{config.family} {state['phase']}")
@@ -299,10 +321,11 @@ def train(config: RecipeConfig, out: Path, resume: Path | None = None) -> dict:
         call_steps += 1
         if call_steps % 20 == 0:
             bar.update(int(time.time() - started) - bar.n)
-            bar.set_postfix(loss=f"{float(loss):.3f}", **{k: f"{v:.2f}" for k, v in list(running.items())[:6]})
-        if state["step"] % 200 == 0:
+            shown = {k: f"{v:.2f}" for k, v in list(running.items())[:6]}
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **shown)
+        if state["step"] % config.log_every == 0:
             log.append({"step": state["step"], "seconds": round(time.time() - started, 1), "phase": state["phase"],
-                        "lr_scale": round(scale, 4), "loss": round(float(loss), 4),
+                        "lr_scale": round(scale, 4), "loss": round(float(loss.detach()), 4),
                         **{k: round(v, 4) for k, v in running.items()}})
     bar.close()
     state["parts"] += 1
@@ -322,6 +345,20 @@ def train(config: RecipeConfig, out: Path, resume: Path | None = None) -> dict:
     }
     save(accelerator.unwrap_model(model).eval(), dense_heads, spec, out, notes, state)
     return notes
+
+
+def _with_captions(task, stream, share: float, seed: int):
+    """``stream`` with a ``share`` of its items replaced by caption items (seeded)."""
+    if share == 0:
+        yield from stream
+        return
+    if not hasattr(task, "caption_stream"):
+        raise ValueError(f"caption_share={share}: the yardstick {task.__name__} has no caption items; use 0.")
+    import random
+
+    rng, captions = random.Random(f"captions/{seed}"), task.caption_stream(seed=seed + 7)
+    for item in stream:
+        yield next(captions) if rng.random() < share else item
 
 
 def _relative(path: Path) -> str:
@@ -363,7 +400,7 @@ def _vqa_step(config: RecipeConfig, spec, model, heads, items, device):
         if hook is not None:
             hook.remove()
     loss = output.loss
-    hits = (output.logits[:, -3].argmax(-1) == batch["labels"][:, -2]).float()
+    hits = answer_accuracy(output.logits, batch["labels"], reference.vocab(spec)["</s>"])
     names = list(dict.fromkeys(it.category for it in items))
     index = torch.tensor([names.index(it.category) for it in items]).to(device, non_blocking=True)
     per_category = (torch.zeros(len(names), device=device).index_add_(0, index, hits)
@@ -376,6 +413,15 @@ def _vqa_step(config: RecipeConfig, spec, model, heads, items, device):
     return loss, metrics
 
 
+def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor, eos: int) -> torch.Tensor:
+    """Per item, the share of its answer words (labels other than -100 and the end-of-sequence) predicted right by
+    greedy next-token prediction: the answer's accuracy for one-word answers, word accuracy for captions."""
+    target = labels[:, 1:]
+    words = (target != -100) & (target != eos)
+    hit = (logits[:, :-1].argmax(-1) == target) & words
+    return hit.sum(1).float() / words.sum(1).clamp(min=1).float()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", required=True, choices=sorted(reference.FAMILIES_V2))
@@ -385,12 +431,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", type=Path, help="a part saved by an earlier call, to continue")
     parser.add_argument("--seed", type=int, default=0)
     for field in fields(RecipeConfig):
-        if field.name not in ("family", "version", "minutes", "plan_minutes", "seed"):
+        if field.name not in ("family", "version", "minutes", "plan_minutes", "seed", *ABLATION_FIELDS):
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
     if args.resume is not None and not (args.resume / STATE_FILE).exists():
         parser.error(f"--resume {args.resume} holds no {STATE_FILE}: give a folder saved by this script.")
-    options = {f.name: getattr(args, f.name) for f in fields(RecipeConfig) if f.name != "version"}
+    options = {f.name: getattr(args, f.name) for f in fields(RecipeConfig)
+               if f.name != "version" and f.name not in ABLATION_FIELDS}
     notes = train(RecipeConfig(**options), args.out, args.resume)
     print(json.dumps({k: v for k, v in notes.items() if k != "log"}, indent=2))
     return 0

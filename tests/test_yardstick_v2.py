@@ -171,6 +171,57 @@ def test_recipe_trains_saves_and_resumes_on_cpu(tmp_path):
     assert reference.spec_for(AutoConfig.from_pretrained(tmp_path / "part2")).version == 2
 
 
+def test_caption_lists_objects_then_tags_in_reading_order():
+    scene = synth_v2.Scene(objects=[synth_v2.Obj(shape=1, colour=2, x=0.8, y=0.8, r=0.05),
+                                    synth_v2.Obj(shape=0, colour=0, x=0.7, y=0.2, r=0.05),
+                                    synth_v2.Obj(shape=3, colour=1, x=0.2, y=0.3, r=0.05)],
+                           tags=[synth_v2.Tag(colour=3, char=0, x=0.3, y=0.7)])
+    item = synth_v2.caption_item(scene)
+    c, s = synth_v2.COLOUR_NAMES, synth_v2.SHAPE_NAMES
+    assert item.answer.split() == [c[1], s[3], "topleft", c[0], s[0], "topright", c[2], s[1], "bottomright",
+                                   c[3], "tag", synth_v2.CHARS[0].lower()]
+    assert item.category == synth_v2.CAPTION not in synth_v2.CATEGORIES  # training only, never measured
+    assert set(item.answer.split() + item.question.split()) <= set(synth_v2.vocabulary())
+
+
+def test_encode_supervises_every_word_of_a_long_answer_and_accuracy_counts_them():
+    from vtprune.eval.train_reference import answer_accuracy
+
+    spec = reference.get_family("llava", 2)
+    ids = reference.vocab(spec)
+    items = [synth_v2.make_item("val", "colour", 0), next(synth_v2.caption_stream(seed=1))]
+    batch = reference.encode(spec, items, with_answers=True)
+    labels = batch["labels"]
+    for row, item in zip(labels, items, strict=True):
+        supervised = row[row != -100].tolist()
+        assert supervised == [ids[w] for w in item.answer.split()] + [ids["</s>"]]
+    # Logits that predict every label but the caption's first word: 1.0 for the one-word answer, (n-1)/n after.
+    logits = torch.zeros(*labels.shape, len(ids))
+    logits[:, :-1].scatter_(-1, labels[:, 1:].clamp(min=0)[..., None], 1.0)
+    first = int((labels[1] != -100).nonzero()[0])
+    logits[1, first - 1] = 0
+    words = len(items[1].answer.split())
+    assert answer_accuracy(logits, labels, ids["</s>"]).tolist() == pytest.approx([1.0, (words - 1) / words])
+
+
+def test_recipe_mixes_captions_and_ablation_fields_apply(tmp_path):
+    from vtprune.eval.train_reference import RecipeConfig, _with_captions, train
+
+    stream = _with_captions(synth_v2, synth_v2.train_stream(("colour",), seed=0), 0.5, seed=0)
+    kinds = [next(stream).category for _ in range(200)]
+    assert 70 < kinds.count(synth_v2.CAPTION) < 130 and set(kinds) == {"colour", synth_v2.CAPTION}
+    with pytest.raises(ValueError, match="caption_share"):
+        RecipeConfig(family="llava", caption_share=1.5)
+    with pytest.raises(ValueError, match="text_layers"):
+        RecipeConfig(family="llava", text_layers=0)
+    notes = train(RecipeConfig(family="llava", minutes=0.02, dense_fraction=0.0, batch=2, text_layers=2,
+                               categories=("count",), log_every=1), tmp_path / "x")
+    assert notes["steps"] >= 1 and notes["log"][0]["phase"] == "vqa"
+    assert json.loads((tmp_path / "x" / "config.json").read_text())["text_config"]["num_hidden_layers"] == 2
+    with pytest.raises(ValueError, match="not llava's"):
+        train(RecipeConfig(family="llava", minutes=0.0, categories=("motion",)), tmp_path / "y")
+
+
 def test_recipe_refuses_a_checkpoint_of_another_family(tmp_path):
     from vtprune.eval.train_reference import RecipeConfig, train
 

@@ -1,0 +1,86 @@
+"""Why does a reference recipe not learn? Train variants of one family side by side on one GPU and compare their
+learning curves (running per-category accuracy every ``--log-every`` steps).
+
+    python -m vtprune.eval.jobs.recipe_ablation --minutes 5 --out "$OUT/ablation.json"                   # on a GPU
+    python -m vtprune.eval.jobs.recipe_ablation --minutes 0.2 --variants base,depth4 --batch 2 --out /tmp/a.json
+
+Each variant is the v2 recipe (``train_reference.RecipeConfig``) with a few fields changed (``VARIANTS``), trained
+from scratch for the same wall-clock minutes in its own worker process (``fanout``); no checkpoint is kept. The
+variants share the GPU, so compare them with each other, not with a run that had the GPU alone (the steps each
+made are in the output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from vtprune.eval.jobs import fanout
+
+# name -> RecipeConfig fields that differ from the v2 recipe. All go straight to VQA (no dense phase), so that a
+# short call spends its time on the phase that did not learn.
+VARIANTS: dict[str, dict] = {
+    "base": {},  # the recipe as it is (12-layer LLM, lr 8e-4, captions mixed in at caption_share)
+    "no-caption": {"caption_share": 0.0},  # run 2's VQA phase
+    "depth4": {"text_layers": 4},  # v1's depth: is depth the cause?
+    "depth4-no-caption": {"text_layers": 4, "caption_share": 0.0},
+    "caption-0.6": {"caption_share": 0.6},
+    # Run on 2026-12-02 (eval/results/v2_run2/ablation.json, with no captions then): all at chance after 300-600
+    # steps, too few to tell them apart.
+    "lr3e-4": {"lr": 3e-4, "caption_share": 0.0},
+    "lr2e-3": {"lr": 2e-3, "caption_share": 0.0},
+    "no-incontext": {"categories": ("colour", "shape", "exist", "position", "count", "text"), "caption_share": 0.0},
+    "easy": {"categories": ("exist", "position", "count"), "caption_share": 0.0},
+}
+DEFAULT_VARIANTS = ("base", "no-caption", "depth4", "depth4-no-caption", "caption-0.6")
+
+
+def run_variant(family: str, name: str, fields: dict, minutes: float, batch: int | None, log_every: int) -> dict:
+    import torch
+
+    from vtprune.eval.train_reference import RecipeConfig, train
+
+    torch.set_num_threads(2)  # the workers share the host's cores
+    options = {"dense_fraction": 0.0, "log_every": log_every, **fields}
+    if batch is not None:
+        options["batch"] = batch
+    config = RecipeConfig(family=family, minutes=minutes, **options)
+    with tempfile.TemporaryDirectory() as work:
+        notes = train(config, Path(work) / name)
+    return {"variant": name, "fields": {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()},
+            "steps": notes["steps"], "running_metrics": notes["running_metrics"], "log": notes["log"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", default="llava", choices=("llava", "qwen2_5_vl", "internvl"))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma-separated, from {list(VARIANTS)}")
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--batch", type=int, help="items per VQA batch (default: the recipe's)")
+    parser.add_argument("--log-every", type=int, default=100)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown or not names:
+        parser.error(f"unknown or no variants {unknown}; choose from {list(VARIANTS)}.")
+    if args.minutes <= 0 or (args.batch is not None and args.batch < 1) or args.log_every < 1:
+        parser.error("--minutes must be > 0, --batch and --log-every at least 1.")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tasks = [fanout.Task(name, run_variant, dict(family=args.family, name=name, fields=VARIANTS[name],
+                                                 minutes=args.minutes, batch=args.batch, log_every=args.log_every))
+             for name in names]
+    outcomes = fanout.run(tasks, jobs=len(tasks))
+    result = {"family": args.family, "minutes": args.minutes,
+              "variants": {o.name: o.value if o.ok else {"error": o.error} for o in outcomes}}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    failed = [o.name for o in outcomes if not o.ok]
+    print(json.dumps({"failed": failed}))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
