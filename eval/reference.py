@@ -47,6 +47,7 @@ class FamilySpec:
     specials: tuple[str, ...]  # family placeholder tokens, after BASE_SPECIALS
     video_size: int = 0
     version: int = 1  # yardstick version: 1 = synth, 4-layer LLMs; 2 = synth_v2, 12-layer LLMs
+    question_first: bool = False  # v2 ablation only: v1's prompt order (question, then image) instead of the families'
 
     @property
     def task(self) -> ModuleType:
@@ -200,6 +201,8 @@ def prompt_words(spec: FamilySpec, item: synth.Item) -> list[str]:
             words += ["<V>", "label", answer]
         words += ["<V>", "label", "?", "ASSISTANT:"]
         return words
+    if spec.version == 2 and spec.question_first:  # a recipe ablation, not the yardstick's layout
+        return start + item.question.split() + ["<V>", "ASSISTANT:"]
     if spec.version == 2:  # BOS, image, question: as LLaVA's / Qwen's / InternVL's chat templates
         return start + ["<V>"] + item.question.split() + ["ASSISTANT:"]
     return start + item.question.split() + ["<V>", "ASSISTANT:"]

@@ -18,11 +18,11 @@ Recipe of yardstick version 2 (issue "Yardstick v2"; version 1 was trained by th
    category; the global head keeps training at ``global_weight_vqa``. A ``caption_share`` of the items are
    "describe the image" captions (``synth_v2.caption_item``: every object's colour, shape and quadrant and every
    tag's character, in reading order), the captioning stage of a real VLM recipe: many supervised words per image,
-   each one needing the LLM to find an object among the visual tokens (added after runs 1 and 2, which had none,
-   stayed at chance: the v2 prompt puts the image before the question, so the last token must retrieve from the
-   image, where v1's question-first prompt let the visual tokens read the question). Learning rate: linear warm-up, constant,
-   then a cosine decay over the last ``decay_fraction`` of the planned VQA time (a warm-up suited to depth: the
-   12-layer LLMs diverge without it).
+   each one needing the LLM to find an object among the visual tokens. Added after runs 1 and 2 (no captions)
+   stayed at chance; the hypothesis, not yet tested (``jobs.recipe_ablation``): the v2 prompt puts the image before
+   the question, so the last token must retrieve from the image by the question, where v1's question-first prompt
+   let the visual tokens read the question. Learning rate: linear warm-up, constant, then a cosine decay over the
+   last ``decay_fraction`` of the planned VQA time (a warm-up suited to depth: the 12-layer LLMs diverge without it).
 No random token drops are used in training (the models are not made robust to pruning beyond what the task gives).
 
 Seeded, with a progress bar, bf16 autocast through accelerate. The budget is wall-clock time so one command fits a
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -48,7 +49,8 @@ from vtprune.eval import reference
 
 STATE_FILE = "train_state.json"
 HEADS_FILE = "heads.pt"
-ABLATION_FIELDS = ("text_layers", "categories", "log_every")  # set by jobs.recipe_ablation, not by this CLI
+# Set by jobs.recipe_ablation, not by this CLI.
+ABLATION_FIELDS = ("text_layers", "categories", "question_first", "log_every")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class RecipeConfig:
     # Ablations only (``jobs.recipe_ablation``): a checkpoint trained with these is not a yardstick checkpoint.
     text_layers: int | None = None  # LLM depth instead of the spec's
     categories: tuple[str, ...] | None = None  # VQA categories instead of all of the family's
+    question_first: bool = False  # v1's prompt order (question, then image) instead of the families' layout
     log_every: int = 200
 
     def __post_init__(self) -> None:
@@ -243,6 +246,8 @@ def train(config: RecipeConfig, out: Path, resume: Path | None = None) -> dict:
         if config.text_layers is not None:
             model_config.text_config.num_hidden_layers = config.text_layers
         model = model_cls._from_config(model_config, dtype=torch.float32)
+    if config.question_first:
+        spec = dataclasses.replace(spec, question_first=True)
     model.to(device).train()
     qwen = config.family == "qwen2_5_vl"
     width = model.config.vision_config.out_hidden_size if qwen else model.config.vision_config.hidden_size

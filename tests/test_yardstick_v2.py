@@ -222,6 +222,16 @@ def test_recipe_mixes_captions_and_ablation_fields_apply(tmp_path):
         train(RecipeConfig(family="llava", minutes=0.0, categories=("motion",)), tmp_path / "y")
 
 
+def test_question_first_ablation_puts_the_question_before_the_image():
+    import dataclasses
+
+    spec = reference.get_family("llava", 2)
+    item = synth_v2.make_item("val", "colour", 0)
+    words = reference.prompt_words(dataclasses.replace(spec, question_first=True), item)
+    assert words.index("<V>") == len(words) - 2 and words[:2] == ["<s>", "USER:"]
+    assert reference.prompt_words(spec, item).index("<V>") == 2
+
+
 def test_recipe_refuses_a_checkpoint_of_another_family(tmp_path):
     from vtprune.eval.train_reference import RecipeConfig, train
 
