@@ -23,7 +23,8 @@ from torch import Tensor
 from vtprune.kernels import reference
 from vtprune.kernels.reference import CompactedSequence
 
-__all__ = ["CompactedSequence", "attention_rows", "compact_sequence", "gather_tokens", "greedy_diverse"]
+__all__ = ["CompactedSequence", "attention_rows", "compact_sequence", "diverse_subset", "gather_tokens",
+           "greedy_diverse"]
 
 logger = logging.getLogger("vtprune")
 
@@ -140,3 +141,30 @@ def greedy_diverse(similarity: Tensor, first: Tensor, count: int, rule: str) -> 
     """
     module = _triton_for("greedy", similarity)
     return (module or reference).greedy_diverse(similarity, first, count, rule)
+
+
+# Pairwise similarities of a whole batch up to this size (fp32 bytes) are built at once; larger batches (long
+# videos) go sample by sample so that the (n, n) matrix of one sample is the peak.
+_BATCH_SIMILARITY_BYTES = 2**31
+FIRST_PICKS = ("isolated",)
+
+
+def diverse_subset(x: Tensor, first: Tensor | str, count: int, rule: str) -> Tensor:
+    """Greedy diverse subset of each sample's tokens: (B, n, C) fp32 unit-norm tokens -> (B, count) picks in order.
+
+    One GEMM for the cosine similarities of all pairs (the whole batch at once up to 2 GiB, else sample by sample),
+    then :func:`greedy_diverse` with ``rule``. ``first``: (B,) long first picks, or ``"isolated"``: the token whose
+    most similar other token is least similar (the farthest from its nearest neighbour; ties to the lower index).
+    """
+    if isinstance(first, str) and first not in FIRST_PICKS:
+        raise ValueError(f"first={first!r} is not a (B,) tensor of picks or one of {list(FIRST_PICKS)}.")
+    batch, n, _ = x.shape
+    if batch > 1 and batch * n * n * 4 > _BATCH_SIMILARITY_BYTES:
+        return torch.cat([diverse_subset(x[b : b + 1], first if isinstance(first, str) else first[b : b + 1], count,
+                                         rule) for b in range(batch)])
+    similarity = x @ x.transpose(1, 2)
+    if isinstance(first, str):
+        self_pairs = torch.eye(n, dtype=torch.bool, device=x.device)
+        nearest = similarity.masked_fill(self_pairs, float("-inf")).amax(dim=2) if n > 1 else similarity[:, 0]
+        first = nearest.argmin(dim=1)
+    return greedy_diverse(similarity, first, count, rule)

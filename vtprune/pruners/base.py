@@ -51,11 +51,17 @@ class Pruner(ABC):
 
     def resolve(self, model_type: str) -> None:
         """Set the config fields left at "auto" (or None, for a field ``official_defaults`` names) to the official
-        code's values for ``model_type``; ``positions`` left at "auto" without one becomes "original". Called by
+        code's values for ``model_type``; ``positions`` left at "auto" without one becomes "original", and so
+        does an official "renumber" where the user moved a one-stage method inside the LLM (``where="llm:K"``,
+        K >= 1, or a decode point: nothing is dropped before the LLM, so there is nothing to renumber). Called by
         the engine when it installs the method on a model; the resolved config is the one that runs and is saved."""
         defaults = self.official_defaults.get(model_type, self.official_defaults.get("*", {}))
         changes = {name: value for name, value in defaults.items() if getattr(self.config, name) in (AUTO, None)}
         if self.config.positions == AUTO and "positions" not in changes:
+            changes["positions"] = "original"
+        point = self.config.point if isinstance(self.config, WhereConfig) else None
+        inside_llm = point is not None and (point.layer > 0 or point.kind == "decode")
+        if changes.get("positions") == "renumber" and inside_llm:
             changes["positions"] = "original"
         if changes:
             self.config = self.config.replace(**changes)

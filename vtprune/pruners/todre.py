@@ -150,30 +150,17 @@ def first_pivot(x: Tensor, images: list[ImageTokens], rule: str = "cls", seed: i
     return cls_pivot(torch.stack(attention), torch.stack(candidates), pivot)
 
 
-# Pairwise similarities of a whole batch up to this size (fp32 bytes) are built at once; larger batches (long
-# videos) go sample by sample so that the (n, n) matrix of one sample is the peak.
-_BATCH_SIMILARITY_BYTES = 2**31
-
-
-def _greedy(x: Tensor, count: int, pivot: Tensor, rule: str) -> Tensor:
-    batch, n, _ = x.shape
-    if batch > 1 and batch * n * n * 4 > _BATCH_SIMILARITY_BYTES:
-        return torch.cat([_greedy(x[b : b + 1], count, pivot[b : b + 1], rule) for b in range(batch)])
-    # One GEMM for all pairs, then the greedy loop reads one row per pick (one launch on GPU).
-    return kernels.greedy_diverse(x @ x.transpose(1, 2), pivot, count, rule)
-
-
 def max_sum_diversify(x: Tensor, count: int, pivot: Tensor) -> Tensor:
     """Greedy max-sum diversification: (B, n, C) unit-norm tokens -> (B, count) picks, pivot first.
 
     Step t adds the unpicked token with the smallest summed cosine similarity to the t picks so far.
     """
-    return _greedy(x, count, pivot, "maxsum")
+    return kernels.diverse_subset(x, pivot, count, "maxsum")
 
 
 def k_center(x: Tensor, count: int, pivot: Tensor) -> Tensor:
     """Greedy k-center (farthest point) on cosine distance: (B, n, C) unit-norm tokens -> (B, count) picks."""
-    return _greedy(x, count, pivot, "kcenter")
+    return kernels.diverse_subset(x, pivot, count, "kcenter")
 
 
 def relevance_ratios(
