@@ -12,12 +12,15 @@ One step before the LLM, on the (n, C) tokens of each image, keeping K = d + c o
    most cosine-similar to;
 3. each target's value becomes ``target + mean(its merged tokens)`` (``contextual_value="code"``: the code's
    ``target_hidden + aggregated_hidden``, where a target without merged tokens stays as it is) or the mean over the
-   target and its merged tokens (``"mean"``, the averaging the paper's text describes); written through
-   ``Selection.values``.
+   target and its merged tokens (``"mean"``, a plain average: the "merged (averaged)" of vtprune's issue; the
+   paper's own wording was not available here); written through ``Selection.values``.
 
-The split: the official scripts pass ``dominant=54, contextual=10`` for 64 tokens and 108 + 20 for 128, 162 + 30 for
-192 (paper, Table 1): contextual = 10 / 64 = 0.15625 of the kept tokens in all three, so ``contextual_fraction``
-defaults to that proportion and c = round(0.15625 · K) for any K (10 / 20 / 30 for 64 / 128 / 192), d = K − c.
+The split: the official README passes ``dominant=54, contextual=10`` for 64 tokens; the 128 and 192 settings are
+108 + 20 and 162 + 30 (as vtprune's issue quotes the paper; its tables were not re-read here): contextual =
+10 / 64 = 0.15625 of the kept tokens in all three. The code takes both counts as arguments and has no rule for
+other budgets (its function defaults, 191 + 30, are none of the three), so vtprune generalises by that proportion:
+``contextual_fraction`` = 0.15625, c = round(0.15625 · K) for any K (10 / 20 / 30 for 64 / 128 / 192), d = K − c.
+``budget`` "input" and "average" are the same for this one step at the LLM entry.
 
 Faithful to the official LLaVA code: the split above, dominant = top-d of the head-pooled CLS row (the code sums over
 heads, the same ranking as our mean), targets = every step-th remaining token in index order, hard assignment by
@@ -26,7 +29,7 @@ argmax cosine similarity, the ``target + mean`` value, pruning at the CLIP featu
 survivors renumbered (``positions="renumber"``).
 
 Defaults per family (``official_defaults``; every field can be set explicitly):
-- LLaVA code (llava, llava_next, llava_onevision; internvl by analogy — the official code has no InternVL version):
+- LLaVA code (llava, llava_next; llava_onevision and internvl by analogy — the official code has neither):
   ``point="encoder"``, ``positions="renumber"``.
 - Qwen (qwen2_vl, qwen2_5_vl, qwen3_vl): ``point="projector"`` (after the 2 x 2 merger, where a Qwen2.5-VL port
   prunes; see below), ``positions="original"`` (M-RoPE positions are gathered; vtprune refuses renumbering there).
@@ -44,14 +47,16 @@ Differs:
   in its own slot (contextual values in their targets' slots), so with ``positions="renumber"`` the survivors are
   numbered in original index order.
 - Towers without a CLS row (``cls_attention is None``: SigLIP in LLaVA-OneVision, Qwen's ViTs, videos): the stored
-  official snapshot holds the LLaVA code only; no Qwen code of the authors could be read. A Qwen2.5-VL port
-  (JulietChoo/VisionSelector, ``qwen-evaluation/token_compression``) scores each merged token by the attention it
-  receives from all ViT tokens at the last block (mean over heads and queries, averaged over its 2 x 2 patches),
-  with keys of that block as the metric, prunes after the merger, keeps original M-RoPE positions and uses
-  c = 5% of all tokens. vtprune's adapters expose the CLS row only, not a full ViT attention matrix, so that score
-  is not available here. vtprune's own fallback, labelled as such: dominant = the d tokens of largest feature
-  L2 norm at the insertion point (the ViT tokens that collect the most attention are its high-norm ones, Darcet et
-  al., "Vision Transformers Need Registers", arXiv 2309.16588); the contextual step is unchanged.
+  official snapshot holds the LLaVA code only; no Qwen code of the authors could be read. A Qwen2.5-VL port (the
+  ``visionzip`` module that JulietChoo/VisionSelector's ``qwen-evaluation/token_compression/monkeypatch.py``
+  installs) scores each merged token by the attention it receives from all ViT tokens at the last block (mean
+  over heads and queries, averaged over its 2 x 2 patches), with keys of that block as the metric, prunes after
+  the merger, keeps original M-RoPE positions and uses c = 5% of all tokens. vtprune's adapters expose the CLS row
+  only, not a full ViT attention matrix, so that score is not available here. vtprune's own fallback, labelled as
+  such: dominant = the d tokens of largest feature L2 norm at the insertion point (the tokens a ViT's attention
+  concentrates on are mostly its high-norm ones, Darcet et al., "Vision Transformers Need Registers", arXiv
+  2309.16588); the contextual step is unchanged. An image group mixing both (never within one family today) ranks
+  each image by its own rule.
 - LLaVA-NeXT: one selection over all the tokens of an image (base + unpadded tiles, each tile's tokens with its own
   CLS row); the code runs per 336 px crop, then restores the crops' grid before unpadding.
 """
@@ -86,7 +91,7 @@ class VisionZipConfig(PrunerConfig):
     point: "encoder" (vision features before the projector, the LLaVA code's point; written values go through the
         projector) or "projector" (after it, in LLM space); "auto": the official code's point for the model's family.
     contextual_value: what a target token becomes: "code" (``target + mean(merged)``, the official code) or
-        "mean" (the mean over the target and its merged tokens, as the paper's text describes the merge).
+        "mean" (a plain average over the target and its merged tokens).
     """
 
     method = "visionzip"
