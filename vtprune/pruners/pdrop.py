@@ -148,7 +148,7 @@ class PDropPruner(Pruner):
     flash_compatible = True
     needs_training = "none"
 
-    def layers(self, num_layers: int) -> tuple[int, ...]:
+    def plan(self, num_layers: int) -> list[Stage]:
         layers = self.config.layers if self.config.layers is not None else default_layers(num_layers)
         if layers[-1] >= num_layers:
             raise ValueError(
@@ -156,10 +156,6 @@ class PDropPruner(Pruner):
                 f"layers (0..{num_layers - 1}). Give layers below {num_layers}, or None for the paper's stages "
                 "scaled to this depth."
             )
-        return layers
-
-    def plan(self, num_layers: int) -> list[Stage]:
-        layers = self.layers(num_layers)
         fractions = stage_fractions(self.config.keep, self.config.budget, self.config.ratio, layers, num_layers)
         return [Stage(Point("llm", layer), fraction) for layer, fraction in zip(layers, fractions, strict=True)]
 
