@@ -58,3 +58,32 @@ def size_plan(pruner: Any, num_layers: int) -> list[Stage]:
         else:
             sized.append(stage)
     return sized
+
+
+def average_fraction(ratio: float, layers: tuple[int, ...], num_layers: int) -> float:
+    """Mean over the L layers of the visual fraction present, for in-LLM stages at ``layers`` each keeping ``ratio``
+    of the tokens present before it (ADSC's bottlenecks, PyramidDrop's stages)."""
+    bounds = (*layers, num_layers)
+    total = float(layers[0])
+    for m in range(len(layers)):
+        total += ratio ** (m + 1) * (bounds[m + 1] - bounds[m])
+    return total / num_layers
+
+
+def solve_ratio(keep: float, layers: tuple[int, ...], num_layers: int) -> float:
+    """ρ in (0, 1] whose schedule averages ``keep`` over the layers (the mean is increasing in ρ: bisection)."""
+    floor = layers[0] / num_layers
+    if keep <= floor:
+        raise ValueError(
+            f"keep={keep} under budget='average' cannot be met with the first in-LLM stage at layer {layers[0]} of "
+            f"{num_layers}: the layers before it alone use {floor:.3f} of the full budget. Give earlier layers= "
+            "(e.g. starting at 0), raise keep, or use budget='input'."
+        )
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        mid = 0.5 * (low + high)
+        if average_fraction(mid, layers, num_layers) < keep:
+            low = mid
+        else:
+            high = mid
+    return high

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vtprune.budget import kept_count, size_plan
+from vtprune.budget import kept_count, size_plan, solve_ratio
 from vtprune.config import PrunerConfig
 from vtprune.point import Point
 from vtprune.pruners.base import Pruner
@@ -104,34 +104,6 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     first = 1 if num_layers > 1 else 0
     scaled = sorted({max(first, min(num_layers - 1, round(layer * num_layers / 32))) for layer in PAPER_LAYERS})
     return tuple(scaled)
-
-
-def average_fraction(ratio: float, layers: tuple[int, ...], num_layers: int) -> float:
-    """Mean over the L layers of the visual fraction present, for bottlenecks at ``layers`` keeping ``ratio`` each."""
-    bounds = (*layers, num_layers)
-    total = float(layers[0])
-    for m in range(len(layers)):
-        total += ratio ** (m + 1) * (bounds[m + 1] - bounds[m])
-    return total / num_layers
-
-
-def solve_ratio(keep: float, layers: tuple[int, ...], num_layers: int) -> float:
-    """ρ in (0, 1] whose schedule averages ``keep`` over the layers (the mean is increasing in ρ: bisection)."""
-    floor = layers[0] / num_layers
-    if keep <= floor:
-        raise ValueError(
-            f"keep={keep} under budget='average' cannot be met with the first bottleneck at layer {layers[0]} of "
-            f"{num_layers}: the layers before it alone use {floor:.3f} of the full budget. Give earlier layers= "
-            "(e.g. starting at 0), raise keep, or use budget='input'."
-        )
-    low, high = 0.0, 1.0
-    for _ in range(60):
-        mid = 0.5 * (low + high)
-        if average_fraction(mid, layers, num_layers) < keep:
-            low = mid
-        else:
-            high = mid
-    return high
 
 
 @register_pruner

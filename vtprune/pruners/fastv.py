@@ -64,15 +64,21 @@ class FastVPruner(Pruner):
     needs_training = "none"
 
     def select(self, ctx: PruneContext) -> Selection:
-        if ctx.attention_rows is None or ctx.attention_mask is None:
-            raise RuntimeError("fastv needs the attention rows of layer K-1 from the engine (an 'llm:K' stage).")
-        batch, length = ctx.attention_mask.shape
-        # The prompt's last token is the last row of every sample (padding and fillers sit on the left).
-        last = torch.full((batch, 1), length - 1, dtype=torch.long, device=ctx.device)
-        scores = ctx.attention_rows(last)[:, 0]
-        keep = []
-        for image in ctx.images:
-            image_scores = scores[image.sample].gather(0, image.positions)
-            # Stable: equal scores keep the earlier token, whatever the device's top-k does with ties.
-            keep.append(torch.argsort(image_scores, descending=True, stable=True)[: image.budget])
-        return Selection(keep=keep)
+        return top_last_token_attention(ctx, "fastv")
+
+
+def top_last_token_attention(ctx: PruneContext, method: str) -> Selection:
+    """Per image, its ``budget`` present tokens with the largest head-mean attention from the prompt's last token in
+    layer K-1 (the probe's rows), ties to the earlier token. Shared by FastV and PyramidDrop (each of its stages)."""
+    if ctx.attention_rows is None or ctx.attention_mask is None:
+        raise RuntimeError(f"{method} needs the attention rows of layer K-1 from the engine (an 'llm:K' stage).")
+    batch, length = ctx.attention_mask.shape
+    # The prompt's last token is the last row of every sample (padding and fillers sit on the left).
+    last = torch.full((batch, 1), length - 1, dtype=torch.long, device=ctx.device)
+    scores = ctx.attention_rows(last)[:, 0]
+    keep = []
+    for image in ctx.images:
+        image_scores = scores[image.sample].gather(0, image.positions)
+        # Stable: equal scores keep the earlier token, whatever the device's top-k does with ties.
+        keep.append(torch.argsort(image_scores, descending=True, stable=True)[: image.budget])
+    return Selection(keep=keep)
