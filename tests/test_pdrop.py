@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import vtprune
-from vtprune.pruners.adsc import average_fraction
+from vtprune.budget import average_fraction
 from vtprune.pruners.pdrop import PDropConfig, PDropPruner, default_layers, stage_fractions
 
 from .conftest import FACTORIES, Prompt

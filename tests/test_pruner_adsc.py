@@ -29,7 +29,7 @@ def test_default_layers_scale_the_paper_schedule(num_layers, expected):
 def test_average_budget_is_met(keep, num_layers):
     if keep <= 1 / num_layers:
         # The first bottleneck sits at layer >= 1: layer 0 alone holds 1/L of the full budget.
-        with pytest.raises(ValueError, match="cannot be met with the first bottleneck at layer 1"):
+        with pytest.raises(ValueError, match="cannot be met with the first in-LLM stage at layer 1"):
             schedule_counts(ADSCConfig(keep=keep, budget="average"), num_layers, 576)
         return
     counts = schedule_counts(ADSCConfig(keep=keep, budget="average"), num_layers, 576)
