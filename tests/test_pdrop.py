@@ -98,10 +98,10 @@ def test_input_budget_is_the_official_pyramid():
     # keep=0.5: the code's --image_token_ratio_list "[0.5,0.25,0.125]" at --layer_list '[8,16,24]'.
     stages = PDropPruner(PDropConfig(keep=0.5)).plan(32)
     assert [(stage.layer, stage.fraction) for stage in stages] == [(8, 0.5), (16, 0.25), (24, 0.125)]
-    # An explicit λ: the first stage keeps keep, each later one λ of what is left.
-    stages = PDropPruner(PDropConfig(keep=0.4, ratio=0.5)).plan(32)
-    assert [stage.fraction for stage in stages] == pytest.approx([0.4, 0.2, 0.1])
-    assert stage_fractions(0.3, "input", None, (3, 6, 9), 12) == pytest.approx([0.3, 0.09, 0.027])
+    # The first stage keeps keep, each later one λ of what is left: the code's 0.5 by default, or the one given.
+    stages = PDropPruner(PDropConfig(keep=0.4, ratio=0.3)).plan(32)
+    assert [stage.fraction for stage in stages] == pytest.approx([0.4, 0.12, 0.036])
+    assert stage_fractions(0.3, "input", None, (3, 6, 9), 12) == pytest.approx([0.3, 0.15, 0.075])
 
 
 @pytest.mark.parametrize("keep", [0.3, 0.5, 0.75])

@@ -14,7 +14,7 @@ Schedule (``plan``), all counts relative to the image's original n tokens:
 - ``layers`` None: 8 / 16 / 24 scaled to the model's depth L as round(l·L/32), each clamped to 1..L−1, duplicates
   removed (1, 2, 3 for L = 4; 3, 6, 9 for L = 12; 8, 16, 24 for L = 32).
 - ``budget="input"`` (as adsc.py): ``keep`` is the share right after the first drop, the visual tokens entering layer
-  l₁; the stages keep keep, keep·λ, keep·λ², ... with λ = ``ratio``, and λ = ``keep`` when ``ratio`` is None, so
+  l₁; the stages keep keep, keep·λ, keep·λ², ... with λ = ``ratio``, the code's 0.5 when ``ratio`` is None, so
   that keep=0.5 is the code's 0.5 / 0.25 / 0.125.
 - ``budget="average"``: λ is solved (bisection, the mean is increasing in λ) so that the mean over the L layers of
   the visual share is ``keep``: K̄/n = (l₁ + Σ_m λ^m (l_{m+1} − l_m)) / L with l_{M+1} = L (METHODS.md §0.2). The
@@ -58,6 +58,7 @@ from vtprune.state import PruneContext, Selection, Stage
 
 PAPER_LAYERS = (8, 16, 24)  # of a 32-layer LLM: the eval scripts' --layer_list '[8,16,24]'
 PAPER_DEPTH = 32
+OFFICIAL_RATIO = 0.5  # λ: each stage keeps half of what is left (--image_token_ratio_list "[0.5,0.25,0.125]")
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class PDropConfig(PrunerConfig):
         attention of the layer before) and < L. None = the code's 8 / 16 / 24 of 32 scaled to the model's depth L
         (round(l·L/32), clamped to 1..L-1, duplicates removed).
     ratio: λ, the fraction of the present tokens each stage after the first keeps, under ``budget="input"``. None
-        (the default) = ``keep``, the paper's geometric pyramid (keep=0.5: 0.5 / 0.25 / 0.125). Under
+        (the default) = 0.5, the code's λ (keep=0.5: its 0.5 / 0.25 / 0.125; keep=0.11: 0.11 / 0.055 / 0.0275). Under
         ``budget="average"`` λ is solved from ``keep``; leave it None.
     """
 
@@ -123,7 +124,7 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
 def stage_fractions(keep: float, budget: str, ratio: float | None, layers: tuple[int, ...],
                     num_layers: int) -> list[float]:
     """Visual share (of the original tokens) left after each stage: λ^m for budget "average" (λ solved), else
-    keep·λ^(m-1) with λ = ``ratio`` or ``keep``."""
+    keep·λ^(m-1) with λ = ``ratio`` or the code's 0.5."""
     if budget == "average":
         floor = layers[0] / num_layers
         if keep <= floor:
@@ -134,7 +135,7 @@ def stage_fractions(keep: float, budget: str, ratio: float | None, layers: tuple
             )
         lam = solve_ratio(keep, layers, num_layers)
         return [lam ** (m + 1) for m in range(len(layers))]
-    lam = keep if ratio is None else ratio
+    lam = OFFICIAL_RATIO if ratio is None else ratio
     return [keep * lam**m for m in range(len(layers))]
 
 
