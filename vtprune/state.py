@@ -112,6 +112,9 @@ class PruneContext:
         attention_rows: for llm stages at layer >= 1, ``attention_rows(query_positions (B, Q)) -> (B, Q, L)``:
             head-mean attention probabilities of layer K-1 for those query rows (softmax in fp32), computed by the
             probe kernel so any attention backend works. None elsewhere.
+        attention_keys: for the same stages, ``attention_keys() -> (B, Hkv, L, Dh)``: layer K-1's post-RoPE keys of
+            the current sequence (read from its cache layer where it holds them), for methods that rank tokens by
+            their keys. None elsewhere.
         cache: the KV cache (decode stage), else None.
     """
 
@@ -122,6 +125,7 @@ class PruneContext:
     attention_mask: Tensor | None = None
     text_mask: Tensor | None = None
     attention_rows: Callable[[Tensor], Tensor] | None = None
+    attention_keys: Callable[[], Tensor] | None = None
     cache: Any = None
 
     @property

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from vtprune.budget import size_plan, stage_budget
 from vtprune.engine.family import Family, FamilyView
-from vtprune.engine.probe import make_probe
+from vtprune.engine.probe import make_keys, make_probe
 from vtprune.engine.rows import CallState, RowGroup
 from vtprune.kernels import compact_sequence, gather_tokens
 from vtprune.point import ENTRY_KINDS
@@ -623,9 +623,11 @@ class Engine:
         cur_mask = current.translate_mask(st.mask2d, st.orig_len)
         # Text tokens are never dropped, so the current rows' text flags are a gather (no per-sample nonzero).
         text_mask = (st.text_mask & st.mask2d.bool()).gather(1, current.index) & current.valid
-        rows = None
+        rows = keys = None
         if stage.point.kind == "llm" and stage.layer > 0 and _may_drop(stage):
             rows = self._probe(st, stage.layer - 1, cur_mask)
+            keys = make_keys(self.layers[stage.layer - 1].self_attn, stage.layer - 1,
+                             st.probe_inputs[stage.layer - 1])
         return PruneContext(
             point=stage.point,
             num_layers=self.num_layers,
@@ -634,6 +636,7 @@ class Engine:
             attention_mask=cur_mask,
             text_mask=text_mask,
             attention_rows=rows,
+            attention_keys=keys,
         )
 
     def _probe(self, st: CallState, layer_idx: int, key_mask: Tensor) -> Callable[[Tensor], Tensor]:

@@ -41,6 +41,20 @@ def make_probe(attn: nn.Module, layer_idx: int, inputs: tuple[Tensor, tuple[Tens
     return rows
 
 
+def make_keys(attn: nn.Module, layer_idx: int, inputs: tuple[Tensor, tuple[Tensor, Tensor], Any]
+              ) -> Callable[[], Tensor]:
+    """``keys()`` -> (B, Hkv, L, Dh) post-RoPE keys of layer ``layer_idx`` over the current sequence, for methods
+    that rank tokens by their keys (DART's pivots)."""
+
+    def keys() -> Tensor:
+        hidden, (cos, sin), cache = inputs
+        batch = hidden.shape[0]
+        return probe_keys(attn, layer_idx, hidden, cos.expand(batch, *cos.shape[1:]),
+                          sin.expand(batch, *sin.shape[1:]), cache)
+
+    return keys
+
+
 def probe_keys(attn: nn.Module, layer_idx: int, hidden: Tensor, cos: Tensor, sin: Tensor, cache: Any) -> Tensor:
     """(B, Hkv, L, Dh) post-RoPE keys of layer K-1: read from its cache layer (layer K-1 has just written them)
     rather than recomputing k_proj over the whole sequence; recomputed only without a cache."""

@@ -23,11 +23,10 @@ layers before K untouched; no attention weights needed, so any attention backend
 FlashAttention-2).
 
 Differs:
-- Pivot norms: the code takes the L1 norm of layer K−1's keys (post-RoPE, every head concatenated: the sdpa and
-  FlashAttention classes return ``key_states`` as an extra output). A pruner sees only the hidden states at the
-  input of layer K (``ctx.hidden_states``) and cannot reach the layer's ``k_proj`` without importing a model
-  family, so the pivots here are the tokens of largest L1 norm of those hidden states (``pivot_norm="l2"``: L2).
-  This is the main approximation: key norms and hidden-state norms need not rank tokens alike.
+- Pivot norms: as the code, the L1 norm of layer K−1's post-RoPE keys, every head concatenated
+  (``ctx.attention_keys``, read from that layer's cache; the code repeats the KV heads of grouped-query attention,
+  which scales every norm alike and ranks the same). ``pivot_source="hidden"`` ranks by the norm of the hidden
+  states entering layer K instead (``pivot_norm="l2"``: L2 norms).
 - Cosine: the code compares the hidden states after the model's *final* RMSNorm (``self.norm`` applied to layer
   K−1's output), i.e. cos(w ⊙ h) with the norm's per-channel weight w; here cos(h) of the same hidden states (the
   per-token RMS scale cancels in a cosine, the channel weights do not). Computed in fp32.
@@ -57,6 +56,7 @@ from vtprune.registry import register_pruner
 from vtprune.state import ImageTokens, PruneContext, Selection
 
 PIVOT_NORMS = {"l1": 1, "l2": 2}
+PIVOT_SOURCES = ("keys", "hidden")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,9 @@ class DARTConfig(WhereConfig):
     pivot_image_tokens: visual pivots per image, the image's tokens of largest norm; kept (official: 4). >= 1.
     pivot_text_tokens: text pivots per image, the tokens of largest norm among the text after the image; they only
         score (official: 4). 0 uses image pivots alone.
-    pivot_norm: the norm that ranks pivot candidates, "l1" (official, on keys) or "l2".
+    pivot_norm: the norm that ranks pivot candidates, "l1" (official) or "l2".
+    pivot_source: what is normed: "keys" (official: layer K−1's post-RoPE keys) or "hidden" (the hidden states
+        entering layer K).
     """
 
     method = "dart"
@@ -76,6 +78,7 @@ class DARTConfig(WhereConfig):
     pivot_image_tokens: int = 4
     pivot_text_tokens: int = 4
     pivot_norm: str = "l1"
+    pivot_source: str = "keys"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -90,6 +93,11 @@ class DARTConfig(WhereConfig):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
             if value < low:
                 raise ValueError(f"{name}={value} must be >= {low} (the official code uses 4).")
+        if self.pivot_source not in PIVOT_SOURCES:
+            raise ValueError(
+                f"pivot_source={self.pivot_source!r} is not one of {list(PIVOT_SOURCES)}; the official code ranks "
+                "by the keys."
+            )
         if self.pivot_norm not in PIVOT_NORMS:
             raise ValueError(
                 f"pivot_norm={self.pivot_norm!r} is not one of {list(PIVOT_NORMS)}; the official code ranks by 'l1'."
@@ -144,7 +152,12 @@ class DARTPruner(Pruner):
         if ctx.hidden_states is None or ctx.text_mask is None:
             raise RuntimeError("dart needs the hidden states and text mask of an 'llm:K' stage from the engine.")
         hidden = ctx.hidden_states.float()
-        norms = hidden.norm(p=PIVOT_NORMS[self.config.pivot_norm], dim=-1)  # (B, L)
+        ranked = hidden
+        if self.config.pivot_source == "keys":
+            if ctx.attention_keys is None:
+                raise RuntimeError("dart needs layer K-1's keys from the engine (an 'llm:K' stage with K >= 1).")
+            ranked = ctx.attention_keys().float().transpose(1, 2).flatten(2)  # (B, L, Hkv * Dh)
+        norms = ranked.norm(p=PIVOT_NORMS[self.config.pivot_norm], dim=-1)  # (B, L)
         keep = [torch.arange(image.num_tokens, device=ctx.device) for image in ctx.images]
         for group in ctx.image_groups():
             images = [ctx.images[j] for j in group]
