@@ -30,16 +30,17 @@ Differs:
   are in the LLM's input space; the code's negation is kept although it was motivated by CLIP's image–text space,
   so this is an approximation of the paper's relevance, not the paper's.
 - The min–max normalisation is per image (tile group, video); the code normalises over its whole (B, N) tensor, i.e.
-  over all crops of the image it processes at once.
+  over all crops of all images it encodes at once (``relevance.min()`` / ``.max()`` without a dim).
 - Every image of a batch is pruned on its own with its own budget, batched per group of equal-size images; the code
-  handles one prompt at a time with one fixed token count for every crop.
-- All math in fp32 (the code: the features in fp32 too, the relevance in the tower's dtype). Where the kernel is
-  rank-deficient (more picks than the feature dimension) the code would take the square root of a non-positive
-  residual and produce NaN; the kernel treats such dependent tokens as gain 0 and fills the rest by index
-  (``vtprune.kernels.reference.DPP_DEPENDENT``).
+  runs at batch size 1 (its relevance averages over the text embeddings of every prompt of the call) with one fixed
+  token count for every crop.
+- All math in fp32 (the code computes the similarity in fp32, the relevance in the dtype of CLIP's embeddings).
+  Where the kernel is rank-deficient (more picks than the feature dimension) the code would take the square root of
+  a non-positive residual and produce NaN; the kernel treats such dependent tokens as gain 0 and fills the rest by
+  index (``vtprune.kernels.reference.DPP_DEPENDENT``).
 - ``where="llm:K"`` with K >= 1 (hidden states of decoder layer K's input, the text tokens contextualised) is our
-  extension, with original positions. The encoder and projector points are refused: vtprune's context has no text
-  there.
+  extension, with original positions. The encoder and projector points are refused (vtprune's context has no text
+  there), and so are the decode points (the KV cache holds no token features).
 - ``keep`` is the kept fraction (the code's ``visual_token_num`` / N); under ``budget="average"`` a drop at the LLM
   input keeps ``keep`` at every layer, so both budgets agree.
 """
