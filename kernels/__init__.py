@@ -1,11 +1,12 @@
-"""Token kernels of vtprune: gathering kept tokens, compacting a batch, scoring attention rows, and greedy diverse
-selection.
+"""Token kernels of vtprune: gathering kept tokens, compacting a batch, scoring attention rows, greedy diverse
+selection and greedy DPP MAP inference.
 
-Each public function picks its implementation per call: the Triton kernels of :mod:`vtprune.kernels.triton_kernels`
-for CUDA tensors when Triton imports, the pure-PyTorch reference of :mod:`vtprune.kernels.reference` otherwise
-(CPU tensors, no Triton, a dtype the kernels do not take, or inputs that need autograd, which the kernels do not
-record). Setting the environment variable ``VTPRUNE_DISABLE_TRITON=1`` forces the reference. Both paths validate
-their arguments identically and return the same values (bit for bit for the gathers).
+Each public function with a Triton version (all but ``dpp_greedy``) picks its implementation per call: the Triton
+kernels of :mod:`vtprune.kernels.triton_kernels` for CUDA tensors when Triton imports, the pure-PyTorch reference of
+:mod:`vtprune.kernels.reference` otherwise (CPU tensors, no Triton, a dtype the kernels do not take, or inputs that
+need autograd, which the kernels do not record). Setting the environment variable ``VTPRUNE_DISABLE_TRITON=1`` forces
+the reference. Both paths validate their arguments identically and return the same values (bit for bit for the
+gathers).
 
 Importing this package never imports Triton or initialises CUDA, so it works on CPU-only machines; Triton is
 imported the first time a CUDA tensor reaches a kernel.
@@ -23,8 +24,8 @@ from torch import Tensor
 from vtprune.kernels import reference
 from vtprune.kernels.reference import CompactedSequence
 
-__all__ = ["CompactedSequence", "attention_rows", "compact_sequence", "diverse_subset", "gather_tokens",
-           "greedy_diverse"]
+__all__ = ["CompactedSequence", "attention_rows", "compact_sequence", "diverse_subset", "dpp_greedy",
+           "gather_tokens", "greedy_diverse"]
 
 logger = logging.getLogger("vtprune")
 
@@ -141,6 +142,15 @@ def greedy_diverse(similarity: Tensor, first: Tensor, count: int, rule: str) -> 
     """
     module = _triton_for("greedy", similarity)
     return (module or reference).greedy_diverse(similarity, first, count, rule)
+
+
+def dpp_greedy(kernel: Tensor, count: int) -> Tensor:
+    """Greedy MAP inference of a DPP with incremental Cholesky updates: (B, n, n) fp32 kernels -> (B, count) picks.
+
+    See :func:`vtprune.kernels.reference.dpp_greedy` for the arguments. There is no Triton version: every device
+    runs the reference, whose loop is over picks (count batched steps), never over tokens.
+    """
+    return reference.dpp_greedy(kernel, count)
 
 
 # Pairwise similarities of a whole batch up to this size (fp32 bytes) are built at once; larger batches (long
