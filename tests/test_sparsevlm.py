@@ -144,7 +144,7 @@ def test_infeasible_average_budget_raises():
 
 @pytest.mark.parametrize("options, error, match", [
     ({"layers": ()}, ValueError, "layers=.*non-empty tuple"),
-    ({"layers": (-1, 2)}, ValueError, "starts below 0"),
+    ({"layers": (-1, 2)}, ValueError, "every layer must be >= 0"),
     ({"layers": (2, 2)}, ValueError, "strictly increasing"),
     ({"layers": (1.5,)}, TypeError, "must hold ints"),
     ({"layers": "2,6"}, ValueError, "non-empty tuple"),

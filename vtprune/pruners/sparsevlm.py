@@ -70,7 +70,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtprune.config import PrunerConfig
+from vtprune.config import PrunerConfig, layer_tuple
 from vtprune.point import Point
 from vtprune.pruners.base import Pruner
 from vtprune.registry import register_pruner
@@ -112,20 +112,8 @@ class SparseVLMConfig(PrunerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layers is not None:
-            if isinstance(self.layers, list):
-                object.__setattr__(self, "layers", tuple(self.layers))
-            if not isinstance(self.layers, tuple) or not self.layers:
-                raise ValueError(
-                    f"layers={self.layers!r} must be a non-empty tuple of decoder layer indices, e.g. (2, 6, 15), "
-                    "or None for the code's layers scaled to the model's depth."
-                )
-            if any(isinstance(x, bool) or not isinstance(x, int) for x in self.layers):
-                raise TypeError(f"layers={self.layers!r} must hold ints (decoder layer indices).")
-            if any(b <= a for a, b in zip(self.layers, self.layers[1:], strict=False)):
-                raise ValueError(f"layers={self.layers!r} must be strictly increasing, e.g. (2, 6, 15).")
-            if self.layers[0] < 0:
-                raise ValueError(f"layers={self.layers!r} starts below 0; decoder layers are numbered from 0.")
+        object.__setattr__(self, "layers", layer_tuple(
+            self.layers, 0, "decoder layers are numbered from 0", "(2, 6, 15)"))
         if self.counts not in COUNTS:
             raise ValueError(f"counts={self.counts!r} is not one of {list(COUNTS)}.")
         for name in ("scale", "bias"):
