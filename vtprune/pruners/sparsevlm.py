@@ -32,9 +32,10 @@ of the three schedules (by keep·576), whose shape is then kept:
   visual share is ``keep`` (METHODS.md §0.2). The code's schedules average more than their name under this
   accounting (≈ 206 of 576 for "192": the stage layer still sees every token), so keep = 1/3 keeps ≈ 0.93 of the
   code's counts.
-With ``counts="rank"`` the stages are adaptive: the budget is an upper bound (the rank-based count may keep fewer),
-and vtprune's budget accounting does not count them. ``scale`` / ``bias`` None take the eval scripts' values of the
-nearest schedule: 13.5 / 0 (192, MME), 9 / 6 (128, POPE), 0.8 / 0 (64, TextVQA).
+With more stages than the code's three (``layers=``) the later ones continue its last stage-to-stage ratio; with
+fewer, its first ones are used. With ``counts="rank"`` the stages are adaptive: the budget is an upper bound (the
+rank-based count may keep fewer), and vtprune's budget accounting does not count them. ``scale`` / ``bias`` None take
+the eval scripts' values of the nearest schedule: 13.5 / 0 (192, MME), 9 / 6 (128, POPE), 0.8 / 0 (64, TextVQA).
 
 Faithful to the official code: the rater rule (softmax over the text of the visual × text dot products of the
 hidden states, mean over the visual tokens, > mean), the raters' head-mean attention of the stage layer averaged over
