@@ -111,6 +111,30 @@ def check_options(config_cls: type, options: dict[str, Any]) -> None:
             )
 
 
+def layer_tuple(layers: Any, minimum: int, reason: str, example: str) -> tuple[int, ...] | None:
+    """The ``layers`` option of a multi-stage in-LLM method, validated: None (the method's scaled defaults) or a
+    non-empty, strictly increasing tuple of ints (a list, as JSON gives, becomes a tuple), the first >= ``minimum``
+    (``reason`` says why, in the error)."""
+    if layers is None:
+        return None
+    if isinstance(layers, list):
+        layers = tuple(layers)
+    if not isinstance(layers, tuple) or not layers:
+        raise ValueError(
+            f"layers={layers!r} must be a non-empty tuple of decoder layer indices, e.g. {example}, or None for the "
+            "paper's layers scaled to the model's depth."
+        )
+    if any(isinstance(x, bool) or not isinstance(x, int) for x in layers):
+        raise TypeError(f"layers={layers!r} must hold ints (decoder layer indices).")
+    if any(b <= a for a, b in zip(layers, layers[1:], strict=False)):
+        raise ValueError(f"layers={layers!r} must be strictly increasing, e.g. {example}.")
+    if layers[0] < minimum:
+        raise ValueError(
+            f"layers={layers!r} starts at layer {layers[0]}; {reason}, so every layer must be >= {minimum}."
+        )
+    return layers
+
+
 @dataclass(frozen=True)
 class WhereConfig(PrunerConfig):
     """Options of a method that drops once, at one insertion point the user picks among its ``Pruner.points``.

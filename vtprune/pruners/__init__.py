@@ -9,6 +9,7 @@ from vtprune.pruners import (  # noqa: F401
     fastv,
     pdrop,
     random,
+    sparsevlm,
     todre,
     uniform,
     visionzip,

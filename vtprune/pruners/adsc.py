@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.budget import kept_count, size_plan, solve_ratio
-from vtprune.config import PrunerConfig
+from vtprune.config import PrunerConfig, layer_tuple
 from vtprune.point import Point
 from vtprune.pruners.base import Pruner
 from vtprune.pruners.uniform import spread_all
@@ -70,15 +70,8 @@ class ADSCConfig(PrunerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layers is not None:
-            if isinstance(self.layers, list):
-                object.__setattr__(self, "layers", tuple(self.layers))
-            if not isinstance(self.layers, tuple) or not self.layers:
-                raise ValueError(f"layers={self.layers!r} must be a non-empty tuple of decoder layer indices.")
-            if any(isinstance(x, bool) or not isinstance(x, int) for x in self.layers):
-                raise TypeError(f"layers={self.layers!r} must hold ints.")
-            if any(b <= a for a, b in zip(self.layers, self.layers[1:], strict=False)) or self.layers[0] < 0:
-                raise ValueError(f"layers={self.layers!r} must be strictly increasing and >= 0.")
+        object.__setattr__(self, "layers", layer_tuple(
+            self.layers, 0, "decoder layers are numbered from 0", "(2, 8, 16, 24)"))
         if self.ratio is not None:
             if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
                 raise TypeError(f"ratio must be a number or None, got {type(self.ratio).__name__}.")

@@ -49,7 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vtprune.budget import solve_ratio
-from vtprune.config import PrunerConfig
+from vtprune.config import PrunerConfig, layer_tuple
 from vtprune.point import Point
 from vtprune.pruners.base import Pruner
 from vtprune.pruners.fastv import top_last_token_attention
@@ -78,23 +78,8 @@ class PDropConfig(PrunerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.layers is not None:
-            if isinstance(self.layers, list):
-                object.__setattr__(self, "layers", tuple(self.layers))
-            if not isinstance(self.layers, tuple) or not self.layers:
-                raise ValueError(
-                    f"layers={self.layers!r} must be a non-empty tuple of decoder layer indices, e.g. (8, 16, 24), "
-                    "or None for the paper's stages scaled to the model's depth."
-                )
-            if any(isinstance(x, bool) or not isinstance(x, int) for x in self.layers):
-                raise TypeError(f"layers={self.layers!r} must hold ints (decoder layer indices).")
-            if any(b <= a for a, b in zip(self.layers, self.layers[1:], strict=False)):
-                raise ValueError(f"layers={self.layers!r} must be strictly increasing, e.g. (8, 16, 24).")
-            if self.layers[0] < 1:
-                raise ValueError(
-                    f"layers={self.layers!r} starts at layer {self.layers[0]}; pdrop ranks the tokens by the "
-                    "attention of the layer before each stage, so every layer must be >= 1."
-                )
+        object.__setattr__(self, "layers", layer_tuple(
+            self.layers, 1, "pdrop ranks the tokens by the attention of the layer before each stage", "(8, 16, 24)"))
         if self.ratio is not None:
             if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)):
                 raise TypeError(f"ratio must be a number in (0, 1] or None, got {type(self.ratio).__name__}.")
