@@ -16,11 +16,25 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     from vtprune.config import option_value
 
     name, _, rest = spec.partition("[")
+    if not rest.endswith("]") or spec.count("[") != spec.count("]"):
+        raise ValueError(f"method spec {spec!r} opens '[' without closing it: write e.g. 'pdrop[layers=[1,2]]'.")
     options = {}
-    for item in rest.rstrip("]").split(","):
+    for item in _split_top_level(rest[:-1]):
         key, _, value = item.partition("=")
         options[key.strip()] = option_value(value.strip())
     return name, options
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on the commas outside brackets: "layers=[1,2],ratio=0.5" -> ["layers=[1,2]", "ratio=0.5"]."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    items.append(text[start:])
+    return items
 
 
 def plans_differ(spec: str, keep: float, num_layers: int) -> bool:

@@ -18,6 +18,9 @@ def test_method_specs_parse_options():
     assert parse_spec("apet[merge=false,inject=true]") == ("apet", {"merge": False, "inject": True})
     assert parse_spec("todre[tau=0,selection=kcenter]") == ("todre", {"tau": 0, "selection": "kcenter"})
     assert parse_spec("adsc[ratio=0.25]") == ("adsc", {"ratio": 0.25})
+    assert parse_spec("pdrop[layers=[1,2],ratio=0.5]") == ("pdrop", {"layers": [1, 2], "ratio": 0.5})
+    with pytest.raises(ValueError, match="without closing it"):
+        parse_spec("pdrop[layers=[1,2]")
 
 
 def test_plans_differ_only_where_the_budget_matters():
