@@ -111,6 +111,14 @@ def check_options(config_cls: type, options: dict[str, Any]) -> None:
             )
 
 
+def scaled_layers(paper_layers: tuple[int, ...], num_layers: int, low: int, high: int,
+                  paper_depth: int = 32) -> tuple[int, ...]:
+    """A paper's layer schedule for a ``paper_depth``-layer LLM mapped to ``num_layers`` layers: round(l·L/depth),
+    clamped to ``low``..``high``, duplicates removed, increasing (the default ``layers`` of the multi-stage
+    in-LLM methods)."""
+    return tuple(sorted({min(high, max(low, round(layer * num_layers / paper_depth))) for layer in paper_layers}))
+
+
 def layer_tuple(layers: Any, minimum: int, reason: str, example: str) -> tuple[int, ...] | None:
     """The ``layers`` option of a multi-stage in-LLM method, validated: None (the method's scaled defaults) or a
     non-empty, strictly increasing tuple of ints (a list, as JSON gives, becomes a tuple), the first >= ``minimum``

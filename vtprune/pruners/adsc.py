@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from vtprune.budget import kept_count, size_plan, solve_ratio
-from vtprune.config import PrunerConfig, layer_tuple
+from vtprune.config import PrunerConfig, layer_tuple, scaled_layers
 from vtprune.point import Point
 from vtprune.pruners.base import Pruner
 from vtprune.pruners.uniform import spread_all
@@ -94,9 +94,7 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
     """The 2 / 8 / 16 / 24-of-32 bottlenecks scaled to ``num_layers`` decoder layers, the first at layer 1 or later:
     the method compresses inside the LLM after earlier layers have moved information into the survivors, so no
     bottleneck sits at the LLM entry."""
-    first = 1 if num_layers > 1 else 0
-    scaled = sorted({max(first, min(num_layers - 1, round(layer * num_layers / 32))) for layer in PAPER_LAYERS})
-    return tuple(scaled)
+    return scaled_layers(PAPER_LAYERS, num_layers, low=1 if num_layers > 1 else 0, high=num_layers - 1)
 
 
 @register_pruner

@@ -49,7 +49,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vtprune.budget import solve_ratio
-from vtprune.config import PrunerConfig, layer_tuple
+from vtprune.config import PrunerConfig, layer_tuple, scaled_layers
 from vtprune.point import Point
 from vtprune.pruners.base import Pruner
 from vtprune.pruners.fastv import top_last_token_attention
@@ -102,8 +102,7 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
             f"pdrop needs an LLM of at least 2 decoder layers (a stage at layer >= 1 scored by the layer before it); "
             f"this one has {num_layers}."
         )
-    return tuple(sorted({min(num_layers - 1, max(1, round(layer * num_layers / PAPER_DEPTH)))
-                         for layer in PAPER_LAYERS}))
+    return scaled_layers(PAPER_LAYERS, num_layers, low=1, high=num_layers - 1, paper_depth=PAPER_DEPTH)
 
 
 def stage_fractions(keep: float, budget: str, ratio: float | None, layers: tuple[int, ...],

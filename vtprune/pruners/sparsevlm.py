@@ -71,7 +71,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from vtprune.config import PrunerConfig, layer_tuple
+from vtprune.config import PrunerConfig, layer_tuple, scaled_layers
 from vtprune.point import Point
 from vtprune.pruners.base import Pruner
 from vtprune.registry import register_pruner
@@ -146,8 +146,7 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
             f"sparsevlm needs an LLM of at least 3 decoder layers (a scoring layer >= 1 and a layer after it to drop "
             f"from); this one has {num_layers}. Give layers=(0,) to score with layer 0."
         )
-    return tuple(sorted({min(num_layers - 2, max(1, round(layer * num_layers / PAPER_DEPTH)))
-                         for layer in PAPER_LAYERS}))
+    return scaled_layers(PAPER_LAYERS, num_layers, low=1, high=num_layers - 2, paper_depth=PAPER_DEPTH)
 
 
 def nearest_setting(keep: float) -> int:
