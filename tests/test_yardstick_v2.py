@@ -222,6 +222,51 @@ def test_recipe_mixes_captions_and_ablation_fields_apply(tmp_path):
         train(RecipeConfig(family="llava", minutes=0.0, categories=("motion",)), tmp_path / "y")
 
 
+def test_curriculum_drop_keeps_objects_then_random_background_and_anneals_to_whole_images():
+    from vtprune.eval.accuracy import OracleConfig, token_coverage, token_side
+    from vtprune.eval.train_reference import CurriculumDrop, RecipeConfig
+
+    config = RecipeConfig(family="llava", drop_keep=0.2, drop_fraction=0.5)
+    assert config.curriculum_keep(0.0) == pytest.approx(0.2)
+    assert config.curriculum_keep(0.25) == pytest.approx(0.6)
+    assert config.curriculum_keep(0.5) == 1.0 == RecipeConfig(family="llava").curriculum_keep(0.0)
+    with pytest.raises(ValueError, match="drop_keep"):
+        RecipeConfig(family="llava", drop_keep=0.0)
+    spec = reference.get_family("llava", 2)
+    item = synth_v2.make_item("val", "colour", 3)
+    on_object, _ = token_coverage(spec, item.images, token_side(spec), "cpu")
+    objects = set((on_object[0] >= 0.2).nonzero().squeeze(1).tolist())
+    drop = CurriculumDrop(OracleConfig(keep=0.2), spec)
+
+    class Image:
+        budget = 100
+        grid = (24, 24)
+
+    picks = [drop._pick(on_object[0], torch.zeros(576), Image()) for _ in range(2)]
+    for pick in picks:
+        assert pick.numel() == 100 == len(set(pick.tolist())) and objects <= set(pick.tolist())
+    assert picks[0].tolist() != picks[1].tolist()  # the background is drawn at random
+
+
+def test_recipe_vqa_step_under_the_curriculum_trains_the_vision_side():
+    import transformers
+
+    from vtprune.eval import train_reference as tr
+
+    spec = reference.get_family("llava", 2)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration._from_config(reference.build_config(spec))
+    heads = torch.nn.ModuleDict({"dense": tr.DenseHeads(spec.task, 192), "global": tr.GlobalHead(spec.task, 192)})
+    items = [synth_v2.make_item("val", c, 1) for c in ("colour", "count")]
+    config = tr.RecipeConfig(family="llava", global_weight_vqa=0.0)
+    full, _ = tr._vqa_step(config, spec, model, heads, items, "cpu", keep=1.0)
+    assert float(full) == pytest.approx(float(model(**reference.encode(spec, items, with_answers=True)).loss))
+    pruned, metrics = tr._vqa_step(config, spec, model, heads, items, "cpu", keep=0.2)
+    assert float(pruned) != pytest.approx(float(full)) and set(metrics) == {"acc_colour", "acc_count"}
+    pruned.backward()
+    assert model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+
+
 def test_question_first_ablation_puts_the_question_before_the_image():
     import dataclasses
 

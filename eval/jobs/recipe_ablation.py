@@ -28,6 +28,10 @@ VARIANTS: dict[str, dict] = {
     "depth4-no-caption": {"text_layers": 4, "caption_share": 0.0},
     "caption-0.6": {"caption_share": 0.6},
     "question-first": {"question_first": True, "caption_share": 0.0},  # v1's prompt order
+    "question-first-caption": {"question_first": True},
+    # The object-biased token-drop curriculum: whole images from half-way through (drop_fraction 0.5).
+    "drop": {"drop_keep": 0.11},
+    "drop-no-caption": {"drop_keep": 0.11, "caption_share": 0.0},
     # Run on 2026-12-02 (eval/results/v2_run2/ablation.json, with no captions then): all at chance after 300-600
     # steps, too few to tell them apart.
     "lr3e-4": {"lr": 3e-4, "caption_share": 0.0},
@@ -35,7 +39,7 @@ VARIANTS: dict[str, dict] = {
     "no-incontext": {"categories": ("colour", "shape", "exist", "position", "count", "text"), "caption_share": 0.0},
     "easy": {"categories": ("exist", "position", "count"), "caption_share": 0.0},
 }
-DEFAULT_VARIANTS = ("base", "no-caption", "question-first", "depth4-no-caption", "caption-0.6")
+DEFAULT_VARIANTS = ("base", "question-first-caption", "drop", "drop-no-caption")
 
 
 def run_variant(family: str, name: str, fields: dict, minutes: float, batch: int | None, log_every: int) -> dict:

@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-dense", type=int, help="images per dense pre-training batch (default: the recipe's)")
     parser.add_argument("--dense-fraction", type=float,
                         help="longest share of the plan in dense pre-training (default: the recipe's)")
+    parser.add_argument("--drop-keep", type=float,
+                        help="keep fraction at the start of the VQA token-drop curriculum (default: the recipe's)")
+    parser.add_argument("--caption-share", type=float, help="share of caption items in VQA (default: the recipe's)")
     parser.add_argument("--deadline", type=float, default=float("inf"),
                         help="seconds from the start after which no new evaluation row starts (rows left are marked)")
     args = parser.parse_args(argv)
@@ -191,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                          dict(family=family, minutes=args.minutes, plan_minutes=args.plan_minutes, work=work,
                               resume=resume, evaluate=args.eval == "all", limit=args.limit, deadline=deadline,
                               recipe={"batch": args.batch, "batch_dense": args.batch_dense,
-                                      "dense_fraction": args.dense_fraction}))
+                                      "dense_fraction": args.dense_fraction, "drop_keep": args.drop_keep,
+                                      "caption_share": args.caption_share}))
              for family in families]
     outcomes = fanout.run(tasks, jobs=len(tasks))
     merged = {"families": {o.name: o.value if o.ok else {"family": o.name, "error": o.error} for o in outcomes}}
