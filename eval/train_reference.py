@@ -365,7 +365,8 @@ def train(config: RecipeConfig, out: Path, resume: Path | None = None) -> dict:
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **shown)
         if state["step"] % config.log_every == 0:
             log.append({"step": state["step"], "seconds": round(time.time() - started, 1), "phase": state["phase"],
-                        "lr_scale": round(scale, 4), **({} if dense else {"keep": round(keep, 3)}), "loss": round(float(loss.detach()), 4),
+                        "lr_scale": round(scale, 4), **({} if dense else {"keep": round(keep, 3)}),
+                        "loss": round(float(loss.detach()), 4),
                         **{k: round(v, 4) for k, v in running.items()}})
     bar.close()
     state["parts"] += 1
