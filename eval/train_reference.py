@@ -20,15 +20,16 @@ Recipe of yardstick version 2 (issue "Yardstick v2"; version 1 was trained by th
    tag's character, in reading order), the captioning stage of a real VLM recipe: many supervised words per image,
    each one needing the LLM to find an object among the visual tokens. Added after runs 1 and 2 (no captions)
    stayed at chance; run 3's ablation (TRAINING.md) showed that captions leave the plateau and that v1's
-   question-first order learns no faster, so the families' layout stays. Learning rate: linear warm-up, constant, then a cosine decay over the
-   last ``decay_fraction`` of the planned VQA time (a warm-up suited to depth: the 12-layer LLMs diverge without it).
+   question-first order learns no faster, so the families' layout stays. Learning rate: linear warm-up,
+   constant, then a cosine decay over the last ``decay_fraction`` of the planned VQA time (a warm-up suited to
+   depth: the 12-layer LLMs diverge without it).
 Optionally (``drop_keep`` < 1) the VQA phase starts with an object-biased token-drop curriculum (``CurriculumDrop``):
 the LLM first sees each image's object tokens plus a few random background tokens, then more background until whole
 images; added after runs 1 and 2 for the same reason as the captions. It ends on whole images, but it does show the
 models shortened visual sequences, so they may be more robust to pruning than real VLMs: README reports
 ``random@0.33`` against unpruned for that reason. **Known broken on CUDA** (run 3, TRAINING.md): both variants that
-used it went to NaN from the first steps on the H200, while the same step is finite on CPU; off by default and not
-to be used until the cause is found.
+used it went to NaN early on the H200, while a single pruned step is finite there and on CPU (probe); off by
+default and not to be used until the cause is found.
 
 Seeded, with a progress bar, bf16 autocast through accelerate. The budget is wall-clock time so one command fits a
 lease; ``--plan-minutes`` is the whole run's plan and ``--resume DIR`` continues a saved part: weights, heads,
