@@ -59,6 +59,10 @@ HEADS_FILE = "heads.pt"
 ABLATION_FIELDS = ("text_layers", "categories", "question_first", "log_every")
 
 
+POSITION_INITS = ("sincos", "default")
+SINCOS_SCALE = 0.5  # sin-cos amplitude: RMS 0.35, about the RMS of a fresh CLIP patch embedding (0.02 x sqrt(588))
+
+
 @dataclass(frozen=True)
 class RecipeConfig:
     """One reference run. ``minutes`` is this call's time; ``plan_minutes`` the whole run's (default: minutes).
@@ -72,6 +76,13 @@ class RecipeConfig:
     shape_gate: float = 0.95  # running shape accuracy on object patches that ends the dense phase
     glyph_gate: float = 0.90  # running glyph accuracy on glyph patches, likewise
     object_weight: float = 8.0  # dense-loss weight of object / glyph patches relative to the background
+    # Initial absolute position embeddings of the CLIP / InternViT towers (Qwen's tower has 2-D RoPE): "sincos"
+    # (2-D sine-cosine, as MAE's ViT) or "default" (transformers' init: N(0, 0.02) for CLIP, zeros for InternViT,
+    # i.e. almost no position signal in a tower trained from scratch).
+    position_init: str = "sincos"
+    # Where InternVL's dense heads read: "tower" (each of the 32 x 32 patch features) or "merged" (the 16 x 16 pixel-
+    # shuffled 2 x 2 groups its projector consumes, 4 sub-patch labels each, as Qwen's merged tokens are trained).
+    dense_point: str = "tower"
     global_weight_vqa: float = 0.1
     lr: float = 8e-4
     vision_lr_scale: float = 0.3
@@ -101,6 +112,13 @@ class RecipeConfig:
             raise ValueError(f"text_layers must be at least 1, got {self.text_layers}.")
         if self.log_every < 1:
             raise ValueError(f"log_every must be at least 1, got {self.log_every}.")
+        if self.dense_point not in ("tower", "merged"):
+            raise ValueError(f"dense_point must be 'tower' or 'merged', got {self.dense_point!r}.")
+        if self.dense_point == "merged" and self.family != "internvl":
+            raise ValueError("dense_point='merged' is InternVL's option (Qwen's dense heads always read merged "
+                             "tokens, LLaVA's tower has no merge).")
+        if self.position_init not in POSITION_INITS:
+            raise ValueError(f"position_init must be one of {POSITION_INITS}, got {self.position_init!r}.")
         if not 0 < self.drop_keep <= 1:
             raise ValueError(f"drop_keep must be in (0, 1], got {self.drop_keep}.")
         for name in ("dense_fraction", "decay_fraction", "shape_gate", "glyph_gate", "caption_share",
@@ -194,17 +212,31 @@ class GlobalHead(nn.Module):
                 + nn.functional.cross_entropy(self.count(cls), count))
 
 
-def _vision_outputs(family: str, model: nn.Module, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor], int, int]:
-    """(tokens, width) patch features of every image as the LLM consumes them (before the projector), the CLS
-    vectors to train (feature layer and last layer; none for Qwen's tower, which has no CLS), the grid side of the
-    label map and sub-patches per token."""
+def _vision_outputs(family: str, model: nn.Module, batch: dict, merged: bool = False
+                    ) -> tuple[torch.Tensor, list[torch.Tensor], int, int]:
+    """(tokens, width) patch features of every image as the LLM consumes them (before the projector; with
+    ``merged``, InternVL's pixel-shuffled groups), the CLS vectors to train (feature layer and last layer; none for
+    Qwen's tower, which has no CLS), the grid side of the label map and sub-patches per token."""
     inner = model.model
     if family == "qwen2_5_vl":
         merged = inner.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
         return merged, [], 24, 4
     feature, cls_vectors = _tower_outputs(family, model, inner.vision_tower(batch["pixel_values"],
                                                                             output_hidden_states=True))
-    return feature[:, 1:], cls_vectors, 24 if family == "llava" else 32, 1
+    grid = 24 if family == "llava" else 32
+    if merged:
+        patches = feature[:, 1:].reshape(feature.shape[0], grid, grid, -1)
+        shuffled = inner.pixel_shuffle(patches, scale_factor=model.config.downsample_ratio)
+        return shuffled.reshape(feature.shape[0], -1, shuffled.shape[-1]), cls_vectors, grid, 4
+    return feature[:, 1:], cls_vectors, grid, 1
+
+
+def merge_order(model: nn.Module, grid: int) -> torch.Tensor:
+    """(tokens, 4) patch index (row-major on the grid x grid lattice) of each slot of InternVL's pixel-shuffled
+    tokens, read off transformers' own ``pixel_shuffle`` applied to the patch indices (so its transposes count)."""
+    index = torch.arange(grid * grid, dtype=torch.float32).view(1, grid, grid, 1)
+    shuffled = model.model.pixel_shuffle(index, scale_factor=model.config.downsample_ratio)
+    return shuffled.reshape(-1, shuffled.shape[-1]).long()
 
 
 def _tower_outputs(family: str, model: nn.Module, out) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -218,8 +250,47 @@ def _tower_outputs(family: str, model: nn.Module, out) -> tuple[torch.Tensor, li
     return feature, [feature[:, 0]]
 
 
-def dense_labels(family: str, task, scenes: list, grid: int, device) -> dict[str, torch.Tensor]:
+def sincos_2d(side: int, width: int) -> torch.Tensor:
+    """(side * side, width) 2-D sine-cosine position code of a side x side patch grid in row-major order: the first
+    half of the channels encodes the row, the second the column, each as sines then cosines of ``width / 4``
+    frequencies from 1 to 1 / 10000 (MAE's ViT)."""
+    if width % 4:
+        raise ValueError(f"a 2-D sine-cosine code needs a width divisible by 4, got {width}.")
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                                indexing="ij")
+    parts = []
+    for axis in (rows.reshape(-1), cols.reshape(-1)):
+        angle = axis[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def init_sincos_positions(family: str, model: nn.Module) -> None:
+    """Overwrite the absolute position embeddings of a fresh CLIP (LLaVA) or InternViT (InternVL) tower with
+    ``SINCOS_SCALE`` x ``sincos_2d`` (the CLS position zero); they stay trainable. Qwen's tower (2-D RoPE) has none."""
+    if family == "qwen2_5_vl":
+        return
+    tower = model.model.vision_tower
+    embeddings = getattr(tower, "vision_model", tower).embeddings  # transformers 5.x: CLIPVisionModel holds them
+    table = embeddings.position_embeddings if family == "internvl" else embeddings.position_embedding.weight
+    rows = table.shape[-2] - 1
+    side = math.isqrt(rows)
+    if side * side != rows:
+        raise ValueError(f"{family}'s tower has {rows} patch positions, not a square grid.")
+    code = torch.cat((torch.zeros(1, table.shape[-1]), SINCOS_SCALE * sincos_2d(side, table.shape[-1])))
+    with torch.no_grad():
+        table.copy_(code.view(table.shape).to(table.dtype))
+
+
+def dense_labels(family: str, task, scenes: list, grid: int, device, order: torch.Tensor | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Label maps per patch (N, grid * grid), or per merged token (N, tokens, 4): Qwen's 2 x 2 merge, or the slots
+    of InternVL's pixel shuffle given by ``order`` (``merge_order``)."""
     labels = task.label_maps(scenes, grid, device)
+    if order is not None:
+        return {k: v.reshape(v.shape[0], -1)[:, order.to(v.device)] for k, v in labels.items()}
     if family == "qwen2_5_vl":
         # Merged token (i, j) covers patches (2i..2i+1, 2j..2j+1), its 4 sub-patches in row-major order.
         half = grid // 2
@@ -282,12 +353,15 @@ def train(config: RecipeConfig, out: Path, resume: Path | None = None) -> dict:
         if config.text_layers is not None:
             model_config.text_config.num_hidden_layers = config.text_layers
         model = model_cls._from_config(model_config, dtype=torch.float32)
+        if config.position_init == "sincos":
+            init_sincos_positions(config.family, model)
     if config.question_first:
         spec = dataclasses.replace(spec, question_first=True)
     model.to(device).train()
     qwen = config.family == "qwen2_5_vl"
     width = model.config.vision_config.out_hidden_size if qwen else model.config.vision_config.hidden_size
-    heads = nn.ModuleDict({"dense": DenseHeads(task, width, sub=4 if qwen else 1)})
+    merged = config.dense_point == "merged"
+    heads = nn.ModuleDict({"dense": DenseHeads(task, width * (4 if merged else 1), sub=4 if qwen or merged else 1)})
     if not qwen:
         heads["global"] = GlobalHead(task, width)
     if resume is not None and (resume / HEADS_FILE).exists():
@@ -416,8 +490,10 @@ def _relative(path: Path) -> str:
 def _dense_step(config: RecipeConfig, spec, model, heads, items, device, with_global: bool):
     batch = reference.encode(spec, items, device)
     scenes = [it.images[0] for it in items]
-    features, cls_vectors, grid, _ = _vision_outputs(config.family, model, batch)
-    labels = dense_labels(config.family, spec.task, scenes, grid, device)
+    merged = config.dense_point == "merged"
+    features, cls_vectors, grid, _ = _vision_outputs(config.family, model, batch, merged)
+    order = merge_order(model, grid) if merged else None
+    labels = dense_labels(config.family, spec.task, scenes, grid, device, order)
     loss, metrics = heads["dense"].loss(features, labels, config.object_weight)
     if with_global and cls_vectors:
         loss = loss + _global_loss(spec, heads, cls_vectors, scenes, device)

@@ -314,3 +314,42 @@ def test_jobs_reference_deadline_marks_rows_not_run_and_report_says_so():
     assert rows and all("deadline" in v["error"] for k, v in rows.items() if not k.endswith(".seconds"))
     table = report.family_table("llava", rows, 2, "test")
     assert "unpruned row was not measured" in table and "deadline" in table
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_sincos_position_init_encodes_rows_and_columns(family):
+    from vtprune.eval.train_reference import SINCOS_SCALE, RecipeConfig, init_sincos_positions, sincos_2d
+
+    code = sincos_2d(4, 8)
+    assert code.shape == (16, 8)
+    # Row code (first half) equal along a row, column code (second half) equal down a column, all positions apart.
+    assert torch.equal(code[0, :4], code[3, :4]) and torch.equal(code[0, 4:], code[12, 4:])
+    assert torch.cdist(code, code).add(torch.eye(16)).min() > 0.1
+    model = _build(family)
+    init_sincos_positions(family, model)
+    embeddings = model.model.vision_tower.embeddings
+    table = embeddings.position_embeddings[0] if family == "internvl" else embeddings.position_embedding.weight
+    side = int((table.shape[0] - 1) ** 0.5)
+    assert torch.equal(table[0], torch.zeros_like(table[0]))
+    torch.testing.assert_close(table[1:], SINCOS_SCALE * sincos_2d(side, table.shape[1]))
+    with pytest.raises(ValueError, match="position_init"):
+        RecipeConfig(family=family, position_init="learned")
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(4, 6)
+
+
+def test_internvl_merged_dense_labels_follow_the_pixel_shuffle(tmp_path):
+    from vtprune.eval.train_reference import RecipeConfig, merge_order, train
+
+    model = _build("internvl")
+    order = merge_order(model, 32)
+    assert order.shape == (256, 4) and sorted(order.reshape(-1).tolist()) == list(range(1024))
+    rows, cols = order // 32, order % 32
+    # Every merged token holds one 2 x 2 block of patches.
+    assert bool(((rows.max(1).values - rows.min(1).values) == 1).all())
+    assert bool(((cols.max(1).values - cols.min(1).values) == 1).all())
+    notes = train(RecipeConfig(family="internvl", minutes=0.05, batch_dense=2, warmup_steps=2, dense_point="merged"),
+                  tmp_path / "merged")
+    assert notes["steps"] >= 1
+    with pytest.raises(ValueError, match="InternVL's option"):
+        RecipeConfig(family="llava", dense_point="merged")

@@ -154,6 +154,7 @@ class Report:
             self.data["errors"][key] = text
             self.rows.append((key, "FAILED", text.strip().splitlines()[-1][:90]))
         finally:
+            self.save()  # after every case: a call stopped by its time limit still leaves what it measured
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 

@@ -38,11 +38,25 @@ VARIANTS: dict[str, dict] = {
     "lr2e-3": {"lr": 2e-3, "caption_share": 0.0},
     "no-incontext": {"categories": ("colour", "shape", "exist", "position", "count", "text"), "caption_share": 0.0},
     "easy": {"categories": ("exist", "position", "count"), "caption_share": 0.0},
+    # Dense pre-training only (the whole call; ends early if the shape and glyph gates are met): does the CLIP /
+    # InternViT tower learn shape and glyphs per patch with a 2-D sine-cosine position init, or with transformers'
+    # init (run 3: ~60% shape, ~10% glyph after 1,442 steps)?
+    "dense-default": {"dense_fraction": 1.0, "position_init": "default"},
+    "dense-sincos": {"dense_fraction": 1.0, "position_init": "sincos"},
+    "dense-sincos-w20": {"dense_fraction": 1.0, "position_init": "sincos", "object_weight": 20.0},
+    # Run 4's first ablation: the position init changed nothing, weight 20 helped a little; is the tower's learning
+    # rate too low from scratch, and does InternVL learn shape / glyph once its heads read the 2 x 2 merged groups
+    # its LLM consumes (as Qwen's, which reached 99.8% shape)?
+    "dense-w20-vlr1": {"dense_fraction": 1.0, "object_weight": 20.0, "vision_lr_scale": 1.0},
+    "dense-merged-w20": {"dense_fraction": 1.0, "object_weight": 20.0, "dense_point": "merged"},
+    "dense-merged-w20-vlr1": {"dense_fraction": 1.0, "object_weight": 20.0, "dense_point": "merged",
+                              "vision_lr_scale": 1.0},
 }
 DEFAULT_VARIANTS = ("base", "question-first-caption", "drop", "drop-no-caption")
 
 
-def run_variant(family: str, name: str, fields: dict, minutes: float, batch: int | None, log_every: int) -> dict:
+def run_variant(family: str, name: str, fields: dict, minutes: float, batch: int | None, log_every: int,
+                batch_dense: int | None = None) -> dict:
     import torch
 
     from vtprune.eval.train_reference import RecipeConfig, train
@@ -51,6 +65,8 @@ def run_variant(family: str, name: str, fields: dict, minutes: float, batch: int
     options = {"dense_fraction": 0.0, "log_every": log_every, **fields}
     if batch is not None:
         options["batch"] = batch
+    if batch_dense is not None:
+        options["batch_dense"] = batch_dense
     config = RecipeConfig(family=family, minutes=minutes, **options)
     with tempfile.TemporaryDirectory() as work:
         notes = train(config, Path(work) / name)
@@ -65,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated, from {list(VARIANTS)}")
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--batch", type=int, help="items per VQA batch (default: the recipe's)")
+    parser.add_argument("--batch-dense", type=int, help="images per dense batch (default: the recipe's)")
     parser.add_argument("--log-every", type=int, default=100)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -72,11 +89,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown or not names:
         parser.error(f"unknown or no variants {unknown}; choose from {list(VARIANTS)}.")
-    if args.minutes <= 0 or (args.batch is not None and args.batch < 1) or args.log_every < 1:
-        parser.error("--minutes must be > 0, --batch and --log-every at least 1.")
+    if args.minutes <= 0 or any(b is not None and b < 1 for b in (args.batch, args.batch_dense)) \
+            or args.log_every < 1:
+        parser.error("--minutes must be > 0, --batch, --batch-dense and --log-every at least 1.")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tasks = [fanout.Task(name, run_variant, dict(family=args.family, name=name, fields=VARIANTS[name],
-                                                 minutes=args.minutes, batch=args.batch, log_every=args.log_every))
+                                                 minutes=args.minutes, batch=args.batch, log_every=args.log_every,
+                                                 batch_dense=args.batch_dense))
              for name in names]
     outcomes = fanout.run(tasks, jobs=len(tasks))
     result = {"family": args.family, "minutes": args.minutes,
