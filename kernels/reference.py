@@ -499,7 +499,7 @@ def greedy_diverse(similarity: Tensor, first: Tensor, count: int, rule: str) -> 
     for _ in range(count - 1):
         row = similarity[rows, last]
         score = score + row if rule == "maxsum" else torch.minimum(score, 1 - row)
-        picked[rows, last] = True
+        picked.scatter_(1, last.unsqueeze(1), True)  # no host sync (an index_put_ of a CPU scalar makes one)
         cost = score if rule == "maxsum" else -score
         last = cost.masked_fill(picked, float("inf")).argmin(dim=1)
         picks.append(last)
@@ -567,7 +567,7 @@ def dpp_greedy(kernel: Tensor, count: int) -> Tensor:
         # argmax returns the first maximal index: ties go to the lower index.
         j = residual.masked_fill(picked, float("-inf")).argmax(dim=1)
         picks.append(j)
-        picked[rows, j] = True
+        picked.scatter_(1, j.unsqueeze(1), True)  # no host sync (an index_put_ of a CPU scalar makes one)
         if i == count - 1:
             break
         d = residual[rows, j]

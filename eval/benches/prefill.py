@@ -83,6 +83,23 @@ def method_cases(num_layers: int) -> list[tuple[str, str, dict[str, Any]]]:
     return cases
 
 
+def infeasible(model: torch.nn.Module, method: str, options: dict[str, Any]) -> str | None:
+    """Why ``vtprune.wrap(model, method, keep=KEEP, **options)`` refuses (its own ValueError, e.g. PyramidDrop's
+    first stage at layer 8 spends a quarter of the average budget), or None where it wraps."""
+    import vtprune
+
+    try:
+        vtprune.wrap(model, method, keep=KEEP, **options)
+    except ValueError as error:
+        return str(error)
+    vtprune.unwrap(model)
+    return None
+
+
+def selected(label: str, cases: tuple[str, ...] | None) -> bool:
+    return cases is None or any(label.startswith(prefix) for prefix in cases)
+
+
 class Bench:
     """The 7B-shaped model, its inputs, and the hand-written ideal prefill for any per-layer visual schedule."""
 
@@ -191,7 +208,12 @@ def bench_methods(report: Report, bench: Bench, shapes: Shapes, rounds: int, cas
         return {**ordered[len(ordered) // 2], "rounds_ms": [round(t["ms"], 3) for t in runs]}
 
     for label, method, options in method_cases(num_layers):
-        if cases is not None and not any(label.startswith(prefix) for prefix in cases):
+        if not selected(label, cases):
+            continue
+        why = infeasible(bench.model, method, options)
+        if why is not None:
+            report.put("methods", f"infeasible/{label}", why)
+            report.row(f"{label} keep={KEEP}", "infeasible", why[:90])
             continue
 
         def case(label=label, method=method, options=options) -> None:
@@ -307,7 +329,7 @@ def bench_profile(report: Report, bench: Bench) -> None:
     report.put("profile", "result", results)
 
 
-def bench_syncs(report: Report, bench: Bench) -> None:
+def bench_syncs(report: Report, bench: Bench, cases: tuple[str, ...] | None = None) -> None:
     """Where each method makes the host wait for the GPU: every synchronising call of one prefill (CUDA's sync debug
     mode), grouped by the innermost vtprune / adapter source line that made it."""
     import traceback
@@ -323,6 +345,8 @@ def bench_syncs(report: Report, bench: Bench) -> None:
     num_layers = len(bench.model.model.language_model.layers)
     results = {}
     for label, method, options in (("unpruned", None, {}), *method_cases(num_layers)):
+        if method is not None and (not selected(label, cases) or infeasible(bench.model, method, options)):
+            continue
         sites: dict[str, int] = {}
 
         def record(message, category, filename, lineno, file=None, line=None, sites=sites):
@@ -363,8 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of methods,selection,profile,syncs")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of (method, its ideal, unpruned) per case; medians are reported")
-    parser.add_argument("--cases", help="comma-separated prefixes of the method cases to time (default: all), "
-                        "e.g. 'todre,uniform@projector'")
+    parser.add_argument("--cases", help="comma-separated prefixes of the method cases to time and to count syncs of "
+                        "(default: all), e.g. 'todre,uniform@projector'")
     args = parser.parse_args(argv)
     cases = tuple(c.strip() for c in args.cases.split(",")) if args.cases else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -387,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "selection":
             report.run(name, lambda: bench_selection(report, shapes, device))
         elif name == "syncs":
-            report.run(name, lambda: bench_syncs(report, bench))
+            report.run(name, lambda: bench_syncs(report, bench, cases))
         else:
             report.run(name, lambda: bench_profile(report, bench))
     report.put("total", "seconds", round(time.perf_counter() - total, 1))

@@ -232,6 +232,20 @@ def split_budget(total: int, present: int, config: SparseVLMConfig) -> tuple[int
     return kept, cluster_count(present - kept, ratio, size)
 
 
+def batched_ranks(matrices: list[Tensor]) -> list[int]:
+    """``torch.linalg.matrix_rank`` of every matrix, one batched call per shape (a GPU SVD per matrix costs more
+    than the whole batch) and one host sync; the same tolerance as one call per matrix, which depends on the shape
+    only."""
+    ranks: list[Tensor | None] = [None] * len(matrices)
+    shapes: dict[tuple[int, ...], list[int]] = {}
+    for i, matrix in enumerate(matrices):
+        shapes.setdefault(tuple(matrix.shape), []).append(i)
+    for group in shapes.values():
+        for i, rank in zip(group, torch.linalg.matrix_rank(torch.stack([matrices[i] for i in group])), strict=True):
+            ranks[i] = rank
+    return torch.stack(ranks).tolist() if ranks else []
+
+
 def dpc_knn_merge(x: Tensor, clusters: int) -> tuple[Tensor, Tensor]:
     """Cluster the (r, C) rows into ``clusters`` groups by DPC-kNN; returns the (clusters, C) group means and the
     (clusters,) indices of their centre rows.
@@ -299,8 +313,8 @@ class SparseVLMPruner(Pruner):
         scores = [rel.sum(dim=0) / raters[image.sample] for rel, image in zip(relations, ctx.images, strict=True)]
         totals = [image.budget for image in ctx.images]
         if self.config.counts == "rank":
-            # Data-dependent counts: one sync for all images' ranks.
-            ranks = torch.stack([torch.linalg.matrix_rank(rel) for rel in relations]).tolist()
+            # Data-dependent counts: one batched rank (SVD) per image size and one sync for all images' ranks.
+            ranks = batched_ranks(relations)
             scale, bias = self.scale_bias()
             for j, (rank, image) in enumerate(zip(ranks, ctx.images, strict=True)):
                 n = image.num_tokens

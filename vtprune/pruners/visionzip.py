@@ -166,9 +166,11 @@ def compress(x: Tensor, scores: Tensor, dominant: int, contextual: int, value: s
     is_dominant = torch.zeros(batch, n, dtype=torch.bool, device=x.device).scatter_(1, top, True)
     remaining = n - dominant
     rest = torch.argsort(is_dominant.to(torch.int8), dim=1, stable=True)[:, :remaining]  # index order
-    is_target = torch.zeros(remaining, dtype=torch.bool, device=x.device)
-    is_target[target_slots(remaining, contextual, x.device)] = True
-    targets, merged = rest[:, is_target], rest[:, ~is_target]
+    slots = target_slots(remaining, contextual, x.device)
+    is_target = torch.zeros(remaining, dtype=torch.bool, device=x.device).scatter_(0, slots, True)
+    # The others in index order by a stable sort, not a boolean mask (which waits for the GPU to count it).
+    others = torch.argsort(is_target.to(torch.int8), stable=True)[: remaining - slots.numel()]
+    targets, merged = rest[:, slots], rest[:, others]
     target_x = xf.gather(1, targets[..., None].expand(-1, -1, channels))
     merged_x = xf.gather(1, merged[..., None].expand(-1, -1, channels))
     similarity = F.normalize(merged_x, dim=-1) @ F.normalize(target_x, dim=-1).transpose(1, 2)
