@@ -180,6 +180,7 @@ def bench_methods(report: Report, bench: Bench, shapes: Shapes, rounds: int, cas
 
     num_layers = len(bench.model.model.language_model.layers)
     results: dict[str, Any] = {"B": bench.batch, "N": bench.length, "image_tokens": bench.image_tokens, "keep": KEEP}
+    report.put("methods", "result", results)  # filled case by case: every save holds what was measured so far
     warm, rep = shapes.e2e_warmup_ms, shapes.e2e_rep_ms
 
     def measure(fn) -> dict[str, float]:
@@ -343,7 +344,8 @@ def bench_syncs(report: Report, bench: Bench, cases: tuple[str, ...] | None = No
     ours = ("/vtprune/", "/adapters/", "/kernels/", "/pruners/")
     benches = os.path.dirname(os.path.abspath(__file__))  # this bench and its harness are not the code measured
     num_layers = len(bench.model.model.language_model.layers)
-    results = {}
+    results: dict[str, Any] = {}
+    report.put("syncs", "result", results)
     for label, method, options in (("unpruned", None, {}), *method_cases(num_layers)):
         if method is not None and (not selected(label, cases) or infeasible(bench.model, method, options)):
             continue

@@ -57,7 +57,8 @@ Differs:
 - One rank, top-k and recycling per image (video, InternVL tile group) with its own budget; the code handles its
   single image per sample. Ties go to the earlier token (stable sorts) where the code's ``topk`` is unspecified;
   DPC-kNN breaks density ties by index where the code adds 1e-6 random noise. Scores, rank and clustering run in
-  fp32 where the code uses the model's dtype.
+  fp32 where the code uses the model's dtype; the rank's SVD runs on the host (``batched_ranks``: the counts need
+  it there, and a CUDA SVD per image cost more than the pruned prefill saved on the H200, README "Speed").
 - Not implemented: SparseVLM+ (the code's ``USE_VERSION=2_0``: RoPE "gravity" correction, priority-head selection,
   its own counts), the 96-token schedule added to the code in December 2025, the code's training path (``pass``),
   and the 4-layer ``pruning_loc = [2, 6, 15, 19]`` default of the October 2024 code (its eval used the same formula
@@ -233,17 +234,19 @@ def split_budget(total: int, present: int, config: SparseVLMConfig) -> tuple[int
 
 
 def batched_ranks(matrices: list[Tensor]) -> list[int]:
-    """``torch.linalg.matrix_rank`` of every matrix, one batched call per shape (a GPU SVD per matrix costs more
-    than the whole batch) and one host sync; the same tolerance as one call per matrix, which depends on the shape
-    only."""
-    ranks: list[Tensor | None] = [None] * len(matrices)
+    """``torch.linalg.matrix_rank`` of every matrix in float32, computed on the host: the counts need the ranks there
+    anyway (one device-to-host copy per shape of matrix instead of the one sync of ``tolist``), and a CUDA SVD per
+    (raters x tokens) matrix costs milliseconds where the host's takes a fraction of one. Same default tolerance
+    (max(m, n) x eps x the largest singular value) as one call per matrix."""
+    ranks: list[int] = [0] * len(matrices)
     shapes: dict[tuple[int, ...], list[int]] = {}
     for i, matrix in enumerate(matrices):
         shapes.setdefault(tuple(matrix.shape), []).append(i)
     for group in shapes.values():
-        for i, rank in zip(group, torch.linalg.matrix_rank(torch.stack([matrices[i] for i in group])), strict=True):
+        stacked = torch.stack([matrices[i] for i in group]).float().cpu()
+        for i, rank in zip(group, torch.linalg.matrix_rank(stacked).tolist(), strict=True):
             ranks[i] = rank
-    return torch.stack(ranks).tolist() if ranks else []
+    return ranks
 
 
 def dpc_knn_merge(x: Tensor, clusters: int) -> tuple[Tensor, Tensor]:
@@ -313,7 +316,7 @@ class SparseVLMPruner(Pruner):
         scores = [rel.sum(dim=0) / raters[image.sample] for rel, image in zip(relations, ctx.images, strict=True)]
         totals = [image.budget for image in ctx.images]
         if self.config.counts == "rank":
-            # Data-dependent counts: one batched rank (SVD) per image size and one sync for all images' ranks.
+            # Data-dependent counts: the ranks on the host, one copy per image size.
             ranks = batched_ranks(relations)
             scale, bias = self.scale_bias()
             for j, (rank, image) in enumerate(zip(ranks, ctx.images, strict=True)):
