@@ -58,7 +58,8 @@ Differs:
   single image per sample. Ties go to the earlier token (stable sorts) where the code's ``topk`` is unspecified;
   DPC-kNN breaks density ties by index where the code adds 1e-6 random noise. Scores, rank and clustering run in
   fp32 where the code uses the model's dtype; the rank's SVD runs on the host (``batched_ranks``: the counts need
-  it there, and a CUDA SVD per image cost more than the pruned prefill saved on the H200, README "Speed").
+  it there; on the H200 the pruned prefill with CUDA SVDs took 112-157 ms against an ideal of 37-58 ms, and the
+  SVDs are the suspected cost, not yet re-measured on the host: README "Speed").
 - Not implemented: SparseVLM+ (the code's ``USE_VERSION=2_0``: RoPE "gravity" correction, priority-head selection,
   its own counts), the 96-token schedule added to the code in December 2025, the code's training path (``pass``),
   and the 4-layer ``pruning_loc = [2, 6, 15, 19]`` default of the October 2024 code (its eval used the same formula
