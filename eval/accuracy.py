@@ -144,17 +144,20 @@ class ObjectOracle(Pruner):
                                    asked.to(ctx.device)[image.original_indices], image))
         return Selection(keep=keep)
 
-    def _pick(self, on_object: Tensor, asked: Tensor, image) -> Tensor:
+    def _ranked(self, on_object: Tensor, asked: Tensor) -> tuple[Tensor, Tensor]:
+        """(object / glyph tokens most covered first, with ``question_aware`` the asked ones before all; the
+        background tokens in index order), as indices of the image's present tokens."""
         threshold = self.config.min_coverage
         rank = torch.where(on_object >= threshold, 1.0 + on_object, torch.zeros_like(on_object))
         if self.config.question_aware:
             rank = torch.where(asked >= threshold, 4.0 + asked, rank)
         primary = (rank > 0).nonzero().squeeze(1)
-        order = primary[rank[primary].argsort(descending=True, stable=True)]
+        return primary[rank[primary].argsort(descending=True, stable=True)], (rank == 0).nonzero().squeeze(1)
+
+    def _pick(self, on_object: Tensor, asked: Tensor, image) -> Tensor:
+        order, background = self._ranked(on_object, asked)
         if order.numel() >= image.budget or image.grid is None:
-            rest = (rank == 0).nonzero().squeeze(1)
-            return torch.cat((order, rest))[: image.budget]
-        background = (rank == 0).nonzero().squeeze(1)
+            return torch.cat((order, background))[: image.budget]
         wanted = lattice(image.grid[0], image.grid[1], image.budget - order.numel())
         present = image.original_indices[background]
         fill = background[nearest_present_rows(present[None], wanted, image.grid[1])[0]]

@@ -246,17 +246,29 @@ def _check_batch(batch: Mapping[str, Any]) -> None:
         )
 
 
-def _tail_loss(model: Callable[..., Any], batch: dict[str, Any], visual_ids: Tensor) -> Tensor:
+def tail_forward(model: Callable[..., Any], batch: Mapping[str, Any], visual_ids: Tensor
+                 ) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward of a batch with ``labels`` that computes only the trailing logits the labels need.
+
+    Args:
+        model: a ``...ForConditionalGeneration`` (wrapped by vtprune or not, or accelerate's wrapper of one).
+        batch: model inputs plus labels (B, L), -100 where not supervised; not modified.
+        visual_ids: (V,) ids of the visual placeholder tokens (``tail_length`` checks none is in the tail).
+
+    Returns:
+        (loss, logits, labels): the causal-LM cross-entropy (mean over supervised tokens, fp32 softmax as
+        transformers' own loss), the logits (B, T + 1, vocab) of the last T + 1 positions and their labels
+        (B, T + 1); logits[:, t] predicts labels[:, t + 1].
+    """
     _check_batch(batch)
     inputs = dict(batch)
     labels = inputs.pop("labels")
     tail = tail_length(inputs["input_ids"], labels, visual_ids)
     logits = model(**inputs, use_cache=False, logits_to_keep=tail + 1).logits
-    # fp32 for the softmax, as transformers' own causal-LM loss does.
-    logits = logits[:, :-1].float()
-    return nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels[:, -tail:].reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    labels = labels[:, -(tail + 1):]
+    loss = nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                       labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    return loss, logits, labels
 
 
 def tail_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
@@ -269,7 +281,7 @@ def tail_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     Returns:
         The mean over supervised tokens, equal to ``model(**batch).loss`` of the unpruned model.
     """
-    return _tail_loss(model, batch, visual_token_ids(model))
+    return tail_forward(model, batch, visual_token_ids(model))[0]
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -441,7 +453,7 @@ def train(
                     current = keep
                 batch = _move(first if step == 1 else next(stream), accelerator.device)
                 with accelerator.autocast():
-                    loss = _tail_loss(prepared, batch, visual_ids)
+                    loss = tail_forward(prepared, batch, visual_ids)[0]
                 accelerator.backward(loss)
                 accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
                 optimizer.step()
