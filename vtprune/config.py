@@ -44,6 +44,9 @@ class PrunerConfig:
     """
 
     method: ClassVar[str] = ""
+    # Fields ``vtprune.calibrate`` may tune, name -> ("float", low, high) | ("log", low, high) | ("int", low, high)
+    # | ("choice", (value, ...)); empty = nothing to calibrate. ``keep`` and ``budget`` are never tuned.
+    search_space: ClassVar[dict[str, tuple]] = {}
     keep: float = 1.0
     budget: str = "input"
     positions: str = "original"
