@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 # Empty = the newest transformers that pyproject allows; CI also runs the suite with TRANSFORMERS=5.17.0.
 TRANSFORMERS ?=
-EXTRAS ?= dev,kernels,train
+EXTRAS ?= dev,kernels,train,calibrate
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.vtprune-installed

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-HEAVY_MODULES = ("triton", "lmms_eval", "gradio", "decord", "peft", "accelerate")
+HEAVY_MODULES = ("triton", "lmms_eval", "gradio", "decord", "peft", "accelerate", "optuna")
 
 
 def _run(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:

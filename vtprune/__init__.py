@@ -5,12 +5,14 @@
     model.generate(**inputs)
 
     result = vtprune.train(model, method="uniform", data=batches)  # LoRA recovery fine-tune, merged back
+    config = vtprune.calibrate(model, "dart", samples, keep=0.11)  # tune a method's parameters, unlabeled
 
-Importing vtprune loads neither triton, lmms-eval, gradio, peft nor accelerate, and does not initialise CUDA.
+Importing vtprune loads neither triton, lmms-eval, gradio, peft, accelerate nor optuna, and does not initialise CUDA.
 """
 
 from vtprune.api import VTPruneHandle, unwrap, wrap
 from vtprune.api import is_wrapped as is_wrapped
+from vtprune.calibrate import calibrate
 from vtprune.config import PrunerConfig, WhereConfig
 from vtprune.point import Point
 from vtprune.registry import list_methods, list_models, register_adapter, register_pruner
@@ -29,6 +31,7 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "VTPruneHandle",
+    "calibrate",
     "is_wrapped",
     "list_methods",
     "list_models",

@@ -74,6 +74,9 @@ class DARTConfig(WhereConfig):
     """
 
     method = "dart"
+    # vtprune.calibrate's choices: the layer and the pivot counts (the paper ablates both), norm and source.
+    search_space = {"where": ("choice", ("llm:1", "llm:2", "llm:3", "llm:4")), "pivot_image_tokens": ("int", 1, 16),
+                    "pivot_text_tokens": ("int", 0, 16), "pivot_norm": ("choice", ("l1", "l2"))}
     where: str = "llm:2"
     pivot_image_tokens: int = 4
     pivot_text_tokens: int = 4

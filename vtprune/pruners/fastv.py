@@ -39,10 +39,11 @@ from vtprune.state import PruneContext, Selection
 class FastVConfig(WhereConfig):
     """Attributes:
     where: "llm:K" with K >= 1: the decoder layer at whose input the tokens are dropped, scored by layer K−1's
-        attention (default "llm:2", the paper's K).
+        attention (default "llm:2", the paper's K). ``vtprune.calibrate`` may pick K in 1..4.
     """
 
     method = "fastv"
+    search_space = {"where": ("choice", ("llm:1", "llm:2", "llm:3", "llm:4"))}  # for vtprune.calibrate
     where: str = "llm:2"
 
     def __post_init__(self) -> None:
