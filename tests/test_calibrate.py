@@ -87,6 +87,12 @@ def test_calibrate_finds_a_feasible_config_saves_loads_and_resumes(model_and_sam
     assert again == get_pruner_class("dart").config_cls(keep=0.5, **study.trials[values.index(best)].params)
 
 
+def test_fixed_fields_leave_the_search(model_and_samples):
+    model, samples = model_and_samples
+    config = calibrate(model, "dart", samples[:1], keep=0.5, trials=2, fixed={"where": "llm:1"}, show_progress=False)
+    assert config.where == "llm:1"
+
+
 def test_calibrate_is_seeded(model_and_samples):
     model, samples = model_and_samples
     first = calibrate(model, "fastv", samples[:1], keep=0.5, trials=3, seed=3, show_progress=False)
@@ -106,8 +112,10 @@ def test_bad_arguments_raise_before_any_forward(model_and_samples):
         calibrate(model, "fastv", samples, keep=0.5, trials=0)
     with pytest.raises(ValueError, match="budget"):
         calibrate(model, "fastv", samples, keep=0.5, budget="mean")
-    with pytest.raises(ValueError, match="tuned or set"):
+    with pytest.raises(ValueError, match="nothing is left to tune"):
         calibrate(model, "fastv", samples, keep=0.5, fixed={"where": "llm:2"})
+    with pytest.raises(ValueError, match="calibrate's own arguments"):
+        calibrate(model, "dart", samples, keep=0.5, fixed={"budget": "average"})
     with pytest.raises(ValueError, match="non-empty"):
         calibrate(model, "fastv", [], keep=0.5)
     right = dict(samples[0])

@@ -63,7 +63,7 @@ def calibrate(
     trials: int = 30,
     seed: int = 0,
     fixed: Mapping[str, Any] | None = None,
-    storage: str | None = None,
+    storage: Any = None,
     study_name: str | None = None,
     show_progress: bool = True,
 ) -> PrunerConfig:
@@ -77,9 +77,11 @@ def calibrate(
         keep, budget: the budget every trial meets.
         trials: finished trials to reach (including those already in a resumed study).
         seed: seeds optuna's TPE sampler.
-        fixed: config fields held at given values (not tuned), e.g. ``{"positions": "original"}``.
-        storage, study_name: an optuna storage URL to resume from / write to, and the study's name in it
-            (default ``"{method}-keep{keep}-{budget}"``).
+        fixed: config fields held at given values, taken out of the search if it has them, e.g.
+            ``{"where": "llm:2"}`` (the objective alone favours late drops, which save less: fix the layer to tune
+            the rest at the paper's depth).
+        storage, study_name: an optuna storage (URL such as ``sqlite:///calib.db``, or a storage object) to resume
+            from / write to, and the study's name in it (default ``"{method}-keep{keep}-{budget}"``).
         show_progress: optuna's tqdm bar over the trials.
 
     Returns:
@@ -108,9 +110,12 @@ def calibrate(
         raise ValueError(f"trials must be a positive int, got {trials!r}.")
     fixed = dict(fixed or {})
     check_options(config_cls, fixed)
-    overlap = sorted(set(fixed) & (set(config_cls.search_space) | {"keep", "budget"}))
-    if overlap:
-        raise ValueError(f"fixed fields {overlap} are tuned or set by keep / budget; drop them from fixed.")
+    if {"keep", "budget"} & set(fixed):
+        raise ValueError("keep and budget are calibrate's own arguments; drop them from fixed.")
+    space = {name: spec for name, spec in config_cls.search_space.items() if name not in fixed}
+    if not space:
+        raise ValueError(f"fixed holds every field of {method}'s search space {sorted(config_cls.search_space)}: "
+                         "nothing is left to tune.")
     config_cls(keep=keep, budget=budget, **fixed)  # checks keep and the fixed values before any forward
     batches = list(samples)
     if not batches or not all(isinstance(b, Mapping) and "input_ids" in b for b in batches):
@@ -129,7 +134,7 @@ def calibrate(
     reference = [last_hidden(model, batch) for batch in batches]
 
     def objective(trial) -> float:
-        params = {name: suggest(trial, name, spec) for name, spec in config_cls.search_space.items()}
+        params = {name: suggest(trial, name, spec) for name, spec in space.items()}
         try:
             config = config_cls(keep=keep, budget=budget, **fixed, **params)
             wrap(model, config)
