@@ -37,9 +37,11 @@ from torch import Tensor
 from triton.runtime.jit import JITFunction
 
 from vtprune.kernels.reference import (
+    DPP_DEPENDENT,
     CompactedSequence,
     _check_attention_inputs,
     _check_compact_inputs,
+    _check_dpp_inputs,
     _check_gather_inputs,
     _check_greedy_inputs,
     _pack_unmasked,
@@ -48,7 +50,7 @@ from vtprune.kernels.reference import (
 )
 from vtprune.kernels.reference import attention_rows as _reference_attention_rows
 
-__all__ = ["attention_rows", "compact_sequence", "gather_tokens", "greedy_diverse", "supports"]
+__all__ = ["attention_rows", "compact_sequence", "dpp_greedy", "gather_tokens", "greedy_diverse", "supports"]
 
 # Raw integer type of each element width: copies move bits, so NaN payloads, -0.0 and bool bytes survive as is.
 _RAW_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -62,11 +64,11 @@ _OFFSET_TABLES_KEPT = 8
 
 
 def supports(op: str, *tensors: Tensor) -> bool:
-    """Whether the Triton path handles these tensors for ``op`` ("gather", "attention" or "greedy"); the reference
-    does the rest (fp64 logits, 16-byte complex elements, non-fp32 similarities)."""
+    """Whether the Triton path handles these tensors for ``op`` ("gather", "attention", "greedy" or "dpp"); the
+    reference does the rest (fp64 logits, 16-byte complex elements, non-fp32 similarities or kernels)."""
     if op == "gather":
         return all(t.element_size() in _RAW_DTYPES for t in tensors)
-    if op == "greedy":
+    if op in ("greedy", "dpp"):
         return all(t.dtype == torch.float32 for t in tensors)
     return all(t.dtype in _ATTENTION_DTYPES for t in tensors)
 
@@ -418,6 +420,70 @@ def _greedy_diverse_kernel(
         last = best_index.to(tl.int64)
         tl.store(out_ptr + b * count + step, last)
         # The next step reads this step's scores; make every thread's stores visible to the others.
+        tl.debug_barrier()
+
+
+@triton.jit
+def _dpp_greedy_kernel(
+    kernel_ptr,
+    out_ptr,
+    residual_ptr,
+    basis_ptr,
+    n,
+    count,
+    stride_b,
+    stride_r,
+    stride_c,
+    DEPENDENT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # One program per sample runs the whole greedy DPP loop (the reference launches about ten kernels per pick).
+    # Scratch per sample: the residuals (n; -inf once picked) and the Cholesky basis rows (count x n).
+    b = tl.program_id(0).to(tl.int64)
+    kern = kernel_ptr + b * stride_b
+    residual = residual_ptr + b * n
+    basis = basis_ptr + b * count * n
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < n
+        tl.store(residual + offs, tl.load(kern + offs * (stride_r + stride_c), mask=ok, other=0.0), mask=ok)
+    tl.debug_barrier()
+    for step in range(0, count):
+        best = float("-inf")
+        best_index = 0
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            value = tl.load(residual + offs, mask=offs < n, other=float("-inf"))
+            block_best = tl.max(value, axis=0)
+            block_index = tl.argmax(value, axis=0) + start
+            # Strictly better only: an equal residual in a later block keeps the lower index, as torch.argmax.
+            better = block_best > best
+            best_index = tl.where(better, block_index, best_index)
+            best = tl.where(better, block_best, best)
+        j = best_index.to(tl.int64)
+        tl.store(out_ptr + b * count + step, j)
+        d = tl.load(residual + j)
+        floor_j = DEPENDENT * tl.load(kern + j * (stride_r + stride_c))
+        independent = d > floor_j
+        scale = tl.sqrt_rn(tl.where(independent, d, 1.0))
+        tl.debug_barrier()  # every thread has read residual[j] before it is overwritten below
+        for start in range(0, n, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            ok = offs < n
+            projection = tl.zeros([BLOCK], dtype=tl.float32)
+            for t in range(0, step):
+                projection += tl.load(basis + t * n + j) * tl.load(basis + t * n + offs, mask=ok, other=0.0)
+            row = tl.load(kern + j * stride_r + offs * stride_c, mask=ok, other=0.0)
+            e = tl.where(independent, tl.div_rn(row - projection, scale), 0.0)
+            tl.store(basis + step * n + offs, e, mask=ok)
+            current = tl.load(residual + offs, mask=ok, other=0.0)
+            floor = DEPENDENT * tl.load(kern + offs * (stride_r + stride_c), mask=ok, other=0.0)
+            updated = current - e * e
+            updated = tl.where(updated <= floor, 0.0, updated)
+            # Picked items stay at -inf (never picked again); this step's pick joins them.
+            updated = tl.where((current == float("-inf")) | (offs == j), float("-inf"), updated)
+            tl.store(residual + offs, updated, mask=ok)
+        # The next step reads this step's residuals and basis row; make every thread's stores visible.
         tl.debug_barrier()
 
 
@@ -874,5 +940,26 @@ def greedy_diverse(similarity: Tensor, first: Tensor, count: int, rule: str) -> 
             similarity, first.contiguous(), out, score, n, count,
             similarity.stride(0), similarity.stride(1), similarity.stride(2),
             MAXSUM=rule == "maxsum", BLOCK=block,
+        )
+    return out
+
+
+def dpp_greedy(kernel: Tensor, count: int) -> Tensor:
+    """Triton version of :func:`vtprune.kernels.reference.dpp_greedy`: one launch for the whole loop, one program
+    per sample. The projections sum over the basis rows in order where the reference's einsum may not, so on
+    near-tied residuals a pick can differ by fp32 rounding; on kernels without near ties the picks are the same."""
+    _check_dpp_inputs(kernel, count)
+    _check_device(kernel)
+    batch, n, _ = kernel.shape
+    out = _new_output((batch, count), torch.long, kernel.device)
+    if batch == 0:
+        return out
+    residual = _new_output((batch, n), torch.float32, kernel.device)
+    basis = _new_output((batch, count, n), torch.float32, kernel.device)
+    block = min(1024, max(16, triton.next_power_of_2(n)))
+    with _launch_context(kernel.device):
+        _dpp_greedy_kernel[(batch,)](
+            kernel, out, residual, basis, n, count, kernel.stride(0), kernel.stride(1), kernel.stride(2),
+            DEPENDENT=DPP_DEPENDENT, BLOCK=block,
         )
     return out

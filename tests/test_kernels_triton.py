@@ -326,6 +326,45 @@ def test_greedy_diverse_rejects_bad_inputs(device: str) -> None:
         with pytest.raises(ValueError, match="first"):
             module.greedy_diverse(similarity, first.int(), 2, "maxsum")
 
+# --------------------------------------------------------------------------------------------------- dpp_greedy
+
+
+def dpp_kernel(batch: int, n: int, rank: int, device: str, seed: int) -> Tensor:
+    """(B, n, n) PSD kernel of rank <= ``rank`` with distinct diagonal entries (no near-tied residuals at first)."""
+    x = randn(batch, n, rank, seed=seed)
+    weights = torch.linspace(1.0, 2.0, n)[None, :, None]
+    return ((x * weights) @ (x * weights).transpose(1, 2)).to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("batch", "n", "rank", "count"), [(1, 1, 1, 1), (3, 37, 16, 9), (2, 1100, 24, 6),
+                                                           (2, 20, 4, 12)])
+def test_dpp_greedy(device: str, batch: int, n: int, rank: int, count: int, triton_path: list,
+                    monkeypatch) -> None:
+    monkeypatch.setenv("VTPRUNE_TRITON_DPP", "1")
+    kernel = dpp_kernel(batch, n, rank, device, seed=n)
+    expected = reference.dpp_greedy(kernel, count)
+    got = kernels.dpp_greedy(kernel, count)
+    assert triton_path, "the Triton path did not run"
+    # Rank 4 < 12 picks: after the 4 picks by determinant the rest go by index, in both paths.
+    assert torch.equal(got, expected)
+    assert all(row.unique().numel() == count for row in got)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dpp_greedy_is_opt_in_and_rejects_bad_inputs(device: str, triton_path: list, monkeypatch) -> None:
+    kernel = dpp_kernel(2, 6, 3, device, seed=0)
+    monkeypatch.delenv("VTPRUNE_TRITON_DPP", raising=False)
+    kernels.dpp_greedy(kernel, 2)
+    assert not triton_path, "without VTPRUNE_TRITON_DPP=1 the reference must run"
+    with pytest.raises(ValueError, match="count"):
+        triton_kernels.dpp_greedy(kernel, 7)
+    with pytest.raises(ValueError, match="float32"):
+        triton_kernels.dpp_greedy(kernel.double(), 2)
+    with pytest.raises(ValueError, match=r"\(B, n, n\)"):
+        triton_kernels.dpp_greedy(kernel[:, :4], 2)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_dispatch_falls_back_to_the_reference(device: str, monkeypatch) -> None:
     calls: list[str] = []
