@@ -216,8 +216,8 @@ def _vision_outputs(family: str, model: nn.Module, batch: dict, merged: bool = F
     Qwen's tower, which has no CLS), the grid side of the label map and sub-patches per token."""
     inner = model.model
     if family == "qwen2_5_vl":
-        merged = inner.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
-        return merged, [], 24, 4
+        tokens = inner.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"]).pooler_output
+        return tokens, [], 24, 4
     feature, cls_vectors = _tower_outputs(family, model, inner.vision_tower(batch["pixel_values"],
                                                                             output_hidden_states=True))
     grid = 24 if family == "llava" else 32
