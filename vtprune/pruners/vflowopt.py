@@ -27,8 +27,8 @@ binned into cells of ``a`` x ``a`` tokens of the image's own token grid (⌊row 
 its 27 x 27 grid), and each non-empty cell becomes one token whose value (``Selection.values``) is the cell's
 importance-weighted mean (``recycle_value="weighted"``, the code; "mean": the plain mean) written into the slot of
 the cell's most important dropped token, as the code does.
-Stages 2 and 3 (inputs of LLM layers ⌈L/3⌉-ish: the code's 0-based 9 and 18 of 28, scaled as round(l·L/28) and
-clamped to 1..L-1): drop the present visual tokens of lowest ViT importance, the same map carried along (a recycled
+Stages 2 and 3 (inputs of LLM layers ≈ L/3 and 2L/3: the code's 0-based 9 and 18 of 28, scaled as round(l·L/28)
+and clamped to 1..L-1): drop the present visual tokens of lowest ViT importance, the same map carried along (a recycled
 token keeps its slot's importance); the code reads no LLM attention there (it reloads the ViT map it kept), and
 neither does this file.
 
@@ -64,6 +64,7 @@ Differs (so ``status = "approximation"``):
   paper's patch-to-token averaging for 2 x 2 merges is not implemented.
 - AnyRes crops are not binned separately (one grid per image as vtprune sees it); the code's newline tokens with
   importance 1 are never candidates here (layout tokens are never image tokens).
+- ``needs`` also asks for the CLS row (the fallback), so LLaVA pays one extra CLS-row projection it does not use.
 - The calibration itself (``vtprune.calibrate``'s Bayesian search over ``search_space``) is not in this file.
 """
 
