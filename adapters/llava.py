@@ -61,3 +61,29 @@ class LlavaAdapter(TokenwiseProjector, ClipTowerCls, Family):
             # The CLS is an image token here; zeroing its entry leaves the CLS-to-CLS attention out of the row.
             return torch.cat((torch.zeros_like(rows[:, :1]), rows[:, 1:]), dim=1)[..., None]
         return rows[:, 1:, None]
+
+    def vision_score_attention(self) -> torch.nn.Module | None:
+        layer = self.model.config.vision_feature_layer
+        if not isinstance(layer, int) or layer == 0:
+            return None  # features from several layers (or the embeddings): no single consumed layer
+        # hidden_states[k] is the output of layer k - 1 (k = 0: the embeddings), so -2 is layers[-2].
+        layers = self._vision_model().encoder.layers
+        return layers[layer if layer < 0 else layer - 1].self_attn
+
+    def encoder_attention_tokens(self, matrix: Tensor) -> Tensor:
+        # The image tokens are the last t rows of the tower's sequence ("default" drops the first: CLIP's CLS).
+        tokens = self.tokens_per_image()
+        return matrix[:, -tokens:, -tokens:].transpose(1, 2)
+
+    def vision_pixel_module(self) -> torch.nn.Module | None:
+        vision = self.model.config.vision_config
+        if self.tokens_per_image() > (vision.image_size // vision.patch_size) ** 2:
+            return None  # the CLS is an image token ("full" strategy): it has no patch
+        return self._vision_model().embeddings.patch_embedding
+
+    def patch_pixel_tokens(self, pixels: Tensor) -> Tensor:
+        size = self.model.config.vision_config.patch_size
+        patches = pixels.unfold(2, size, size).unfold(3, size, size)  # (T, 3, h, w, p, p)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # (T, h·w, 3·p·p), raster order
+        return patches[:, -self.tokens_per_image():]
+

@@ -44,7 +44,7 @@ class Stage:
 
 # Per-image fields an adapter fills only for pruners that list them in ``needs`` (they cost a vision-side hook or
 # per-image work that other methods should not pay for).
-OPTIONAL_IMAGE_FIELDS = ("cls_attention", "global_view")
+OPTIONAL_IMAGE_FIELDS = ("cls_attention", "global_view", "encoder_attention", "patch_pixels")
 
 
 @dataclass
@@ -72,6 +72,17 @@ class ImageTokens:
             AnyRes image, the thumbnail tile of a multi-tile InternVL image, every token of a single-view image
             (layout tokens such as row newlines are never image tokens). Only where the pruner asks for it, at the
             encoder and projector points; None elsewhere and for videos.
+        encoder_attention: (n, S) fp32 head-mean self-attention probabilities of the vision encoder at the layer
+            whose output the model consumes (LLaVA's ``vision_feature_layer``), laid out per token: row i holds the
+            attention token i *receives* from each of the S query tokens of its image (entry [i, k] = A[k, i]), the
+            queries numbered as the image's original tokens, so S = the image's original token count. Softmax over
+            every token of the layer (a CLS included); rows and columns of non-image tokens (the CLS under LLaVA's
+            "default" strategy) left out, the rest not renormalised. Only where the pruner asks for it, at the encoder
+            and projector points, for families whose image tokens are one encoder patch each on a single tile (LLaVA);
+            None elsewhere.
+        patch_pixels: (n, 3·p·p) the pixel values of each token's p x p patch as the vision encoder got them (still
+            normalised by the processor's mean and std), channel-major (c, y, x). Only where the pruner asks for it,
+            at the encoder and projector points, for the families that give ``encoder_attention``; None elsewhere.
     """
 
     sample: int
@@ -83,6 +94,8 @@ class ImageTokens:
     budget: int
     cls_attention: Tensor | None = None
     global_view: Tensor | None = None
+    encoder_attention: Tensor | None = None
+    patch_pixels: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

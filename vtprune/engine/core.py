@@ -196,6 +196,14 @@ class Engine:
         cls_attention = self.family.vision_cls_attention() if entry_points and "cls_attention" in needs else None
         if cls_attention is not None:
             add(cls_attention.register_forward_pre_hook(self._cls_capture(), with_kwargs=True))
+        score_attention = (self.family.vision_score_attention()
+                           if entry_points and "encoder_attention" in needs else None)
+        if score_attention is not None:
+            add(score_attention.register_forward_pre_hook(self._matrix_capture(), with_kwargs=True))
+        pixel_module = self.family.vision_pixel_module() if entry_points and "patch_pixels" in needs else None
+        if pixel_module is not None:
+            store = self.recorder("patch_pixels")
+            add(pixel_module.register_forward_pre_hook(lambda module, args: store(args[0].detach())))
         for handle in self.family.family_hooks():
             add(handle)
         add(_GenerateWrapper(self.model, self))
@@ -258,6 +266,18 @@ class Engine:
             hidden = args[0] if args else kwargs["hidden_states"]
             with torch.no_grad():
                 store(self.family.cls_attention_row(module, hidden))
+
+        return capture
+
+    def _matrix_capture(self) -> Callable:
+        """A pre-hook for the vision encoder's score-layer attention module: records, per vision call, every tile's
+        full head-mean attention matrix (``attention_matrix``) under the "encoder_attention" key."""
+        store = self.recorder("encoder_attention")
+
+        def capture(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            with torch.no_grad():
+                store(self.family.attention_matrix(module, hidden))
 
         return capture
 
@@ -559,15 +579,19 @@ class Engine:
         """Per image, (n, C) rows of what the vision-side hooks recorded under ``key``: the features of an insertion
         point, or the (n, 1) CLS attention ("cls_attention", laid out as encoder features by ``cls_attention_tokens``).
         """
-        what = "CLS attention" if key == "cls_attention" else f"{key} features"
+        what = {"cls_attention": "CLS attention", "encoder_attention": "encoder attention",
+                "patch_pixels": "patch pixels"}.get(key, f"{key} features")
         captured = self.captured.get(key)
         if not captured:
             raise RuntimeError(
                 f"vtprune: no {what} was captured for this prompt. Pass pixel_values (not precomputed image "
                 "features) so the vision tower runs under the hooks."
             )
-        if key == "cls_attention":
-            rows = [self.family.cls_attention_tokens(r) for r in captured]
+        layouts = {"cls_attention": self.family.cls_attention_tokens,
+                   "encoder_attention": self.family.encoder_attention_tokens,
+                   "patch_pixels": self.family.patch_pixel_tokens}
+        if key in layouts:
+            rows = [layouts[key](r) for r in captured]
             per_image = self.family.features_per_image("encoder", rows, st.images)
         else:
             per_image = self.family.features_per_image(key, captured, st.images)
@@ -593,6 +617,12 @@ class Engine:
                     # that takes the argmax over the video takes the paper's best frame's CLS argmax.
                     rows = [r[:, 0] for r in self._captured_per_image(st, "cls_attention")]
                 st.image_extras["cls_attention"] = rows
+            for key, module in (("encoder_attention", self.family.vision_score_attention),
+                                ("patch_pixels", self.family.vision_pixel_module)):
+                if key in self.needs:
+                    available = module() is not None
+                    st.image_extras[key] = (self._captured_per_image(st, key) if available
+                                            else [None] * len(st.images))
         return st.image_extras
 
     def _context(self, st: CallState, stage: Stage, current: RowGroup, features, hidden) -> PruneContext:

@@ -141,6 +141,40 @@ class Family(ABC):
         features. The default drops the CLS column: the encoder point holds the patches only."""
         return rows[:, 1:, None]
 
+    def vision_score_attention(self) -> nn.Module | None:
+        """The self-attention module of the vision encoder layer whose output the model consumes, where the family's
+        image tokens are one patch each of a single tile (so that ``encoder_attention`` can number its queries as
+        the image's tokens), else None (the default): pruners that need ``encoder_attention`` then get None."""
+        return None
+
+    def attention_matrix(self, attn: nn.Module, hidden: Tensor) -> Tensor:
+        """(T, S, C) input of ``vision_score_attention`` for T tiles -> (T, S, S) fp32 head-mean attention
+        probabilities (query rows, key columns). Projects q and k for every row, O(T·S²·C), once per vision call,
+        independent of the attention backend. The default suits CLIP and SigLIP (``q_proj``, ``k_proj``,
+        ``num_heads``, ``head_dim``, ``scale``; no rotary embedding)."""
+        tiles, length = hidden.shape[:2]
+        query = attn.q_proj(hidden).reshape(tiles, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        key = attn.k_proj(hidden).reshape(tiles, length, attn.num_heads, attn.head_dim).transpose(1, 2)
+        logits = query.float() @ key.float().transpose(-1, -2) * attn.scale
+        return logits.softmax(dim=-1).mean(dim=1)
+
+    def encoder_attention_tokens(self, matrix: Tensor) -> Tensor:
+        """(T, S, S) ``attention_matrix`` of one vision call -> (T, t, t): per tile, for each of its t image tokens
+        the attention it receives from each of them ([tile, i, k] = A[k, i]), laid out as the encoder point's
+        capture. Only called where ``vision_score_attention`` is not None."""
+        raise NotImplementedError(f"{type(self).__name__} gives a vision_score_attention but no token layout for it.")
+
+    def vision_pixel_module(self) -> nn.Module | None:
+        """A module whose first input is the (T, 3, H, W) pixel values the vision encoder embeds (the patch
+        embedding), where the family's image tokens are one patch each; else None (the default): pruners that
+        need ``patch_pixels`` then get None."""
+        return None
+
+    def patch_pixel_tokens(self, pixels: Tensor) -> Tensor:
+        """(T, 3, H, W) input of ``vision_pixel_module`` -> (T, t, 3·p·p) each image token's patch pixels, laid out
+        as the encoder point's capture. Only called where ``vision_pixel_module`` is not None."""
+        raise NotImplementedError(f"{type(self).__name__} gives a vision_pixel_module but no token layout for it.")
+
     def global_view(self, image: ImageLayout) -> Tensor | None:
         """(n,) bool over an image's prunable tokens, True for its whole-image view; None for a video. The default
         suits families without tiles: every token of an image."""

@@ -12,6 +12,7 @@ from vtprune.pruners import (  # noqa: F401
     sparsevlm,
     todre,
     uniform,
+    vflowopt,
     visionzip,
 )
 from vtprune.pruners.base import Pruner

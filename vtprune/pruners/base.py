@@ -23,7 +23,8 @@ class Pruner(ABC):
         flash_compatible: whether it works with every attention backend (no ``output_attentions``).
         needs_training: "none", "calibration" or "training".
         needs: optional per-image fields of ``ImageTokens`` the method reads (``state.OPTIONAL_IMAGE_FIELDS``:
-            "cls_attention", "global_view"); the adapter computes only these, so other methods pay nothing.
+            "cls_attention", "global_view", "encoder_attention", "patch_pixels"); the adapter computes only these,
+            so other methods pay nothing.
         official_defaults: where a method's official code differs per model family, the values of its config fields
             left at "auto" (or None), keyed by ``config.model_type`` with "*" for every other family; ``resolve``
             applies them when the model is wrapped.
