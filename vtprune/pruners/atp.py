@@ -103,6 +103,7 @@ class ATPConfig(PrunerConfig):
     """
 
     method = "atp"
+    # headroom and shift tune the thresholds of counts="threshold" (the default); a "fixed" config refuses them.
     search_space: ClassVar[dict[str, tuple]] = {
         "decay": ("float", 0.3, 1.0),
         "anchors": ("float", 0.0, 0.7),
