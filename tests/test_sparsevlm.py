@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import vtprune
+from vtprune.budget import layer_mean
 from vtprune.pruners.sparsevlm import (
     SparseVLMConfig,
     SparseVLMPruner,
     default_layers,
     dpc_knn_merge,
-    layer_mean,
     split_budget,
 )
 

@@ -87,3 +87,30 @@ def solve_ratio(keep: float, layers: tuple[int, ...], num_layers: int) -> float:
         else:
             high = mid
     return high
+
+
+def layer_mean(fractions: list[float], layers: tuple[int, ...], num_layers: int) -> float:
+    """Mean over the L layers of the visual share, in-LLM stages at the inputs of ``layers`` each leaving
+    ``fractions[m]`` of the original tokens (the layers before the first see every token)."""
+    bounds = (*layers, num_layers)
+    total = float(layers[0])
+    for m, fraction in enumerate(fractions):
+        total += fraction * (bounds[m + 1] - bounds[m])
+    return total / num_layers
+
+
+def scale_to_average(shape: list[float], keep: float, layers: tuple[int, ...], num_layers: int) -> list[float]:
+    """min(1, c·shape[m]) for the factor c whose ``layer_mean`` is ``keep`` (bisection: the mean is increasing in c,
+    from l₁/L at c = 0 to 1 once every share is capped). The caller checks keep > l₁/L, with its own message."""
+
+    def scaled(factor: float) -> list[float]:
+        return [min(1.0, factor * share) for share in shape]
+
+    low, high = 0.0, 1.0 / min(shape)
+    for _ in range(60):
+        mid = 0.5 * (low + high)
+        if layer_mean(scaled(mid), layers, num_layers) < keep:
+            low = mid
+        else:
+            high = mid
+    return scaled(high)

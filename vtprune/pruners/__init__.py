@@ -3,6 +3,7 @@
 from vtprune.pruners import (  # noqa: F401
     adsc,
     apet,
+    atp,
     cdpruner,
     dart,
     divprune,

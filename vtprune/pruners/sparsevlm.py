@@ -73,6 +73,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from vtprune.budget import scale_to_average
 from vtprune.config import PrunerConfig, layer_tuple, scaled_layers
 from vtprune.point import Point
 from vtprune.pruners.base import Pruner
@@ -177,15 +178,6 @@ def official_shares(setting: int, recycle: bool, ratio: float, size: int) -> lis
     return shares
 
 
-def layer_mean(fractions: list[float], stage_layers: tuple[int, ...], num_layers: int) -> float:
-    """Mean over the L layers of the visual share, the stages dropping at the inputs of ``stage_layers``."""
-    bounds = (*stage_layers, num_layers)
-    total = float(stage_layers[0])
-    for m, fraction in enumerate(fractions):
-        total += fraction * (bounds[m + 1] - bounds[m])
-    return total / num_layers
-
-
 def stage_fractions(config: SparseVLMConfig, stage_layers: tuple[int, ...], num_layers: int) -> list[float]:
     """Share of the original tokens each stage keeps (see the module docstring, "Budgets")."""
     keep = config.keep
@@ -204,18 +196,7 @@ def stage_fractions(config: SparseVLMConfig, stage_layers: tuple[int, ...], num_
             "keep, give an earlier first layer (layers=), or use budget='input'."
         )
 
-    def scaled(factor: float) -> list[float]:
-        return [min(1.0, factor * share) for share in shares]
-
-    # The mean is increasing in the factor: bisection, from 0 (floor) to all-ones (mean 1).
-    low, high = 0.0, 1.0 / shares[-1]
-    for _ in range(60):
-        mid = 0.5 * (low + high)
-        if layer_mean(scaled(mid), stage_layers, num_layers) < keep:
-            low = mid
-        else:
-            high = mid
-    return scaled(high)
+    return scale_to_average(shares, keep, stage_layers, num_layers)
 
 
 def split_budget(total: int, present: int, config: SparseVLMConfig) -> tuple[int, int]:
