@@ -81,9 +81,5 @@ class LlavaAdapter(TokenwiseProjector, ClipTowerCls, Family):
             return None  # the CLS is an image token ("full" strategy): it has no patch
         return self._vision_model().embeddings.patch_embedding
 
-    def patch_pixel_tokens(self, pixels: Tensor) -> Tensor:
-        size = self.model.config.vision_config.patch_size
-        patches = pixels.unfold(2, size, size).unfold(3, size, size)  # (T, 3, h, w, p, p)
-        patches = patches.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # (T, h·w, 3·p·p), raster order
-        return patches[:, -self.tokens_per_image():]
+    # patch_pixel_tokens: the Family default (every patch is an image token wherever vision_pixel_module is given).
 

@@ -161,8 +161,9 @@ class Family(ABC):
     def encoder_attention_tokens(self, matrix: Tensor) -> Tensor:
         """(T, S, S) ``attention_matrix`` of one vision call -> (T, t, t): per tile, for each of its t image tokens
         the attention it receives from each of them ([tile, i, k] = A[k, i]), laid out as the encoder point's
-        capture. Only called where ``vision_score_attention`` is not None."""
-        raise NotImplementedError(f"{type(self).__name__} gives a vision_score_attention but no token layout for it.")
+        capture. Only called where ``vision_score_attention`` is not None. The default suits a CLIP-style tower
+        whose sequence is one CLS and then the image's patches (as ``cls_attention_tokens``): it drops the CLS."""
+        return matrix[:, 1:, 1:].transpose(1, 2)
 
     def vision_pixel_module(self) -> nn.Module | None:
         """A module whose first input is the (T, 3, H, W) pixel values the vision encoder embeds (the patch
@@ -172,8 +173,11 @@ class Family(ABC):
 
     def patch_pixel_tokens(self, pixels: Tensor) -> Tensor:
         """(T, 3, H, W) input of ``vision_pixel_module`` -> (T, t, 3·p·p) each image token's patch pixels, laid out
-        as the encoder point's capture. Only called where ``vision_pixel_module`` is not None."""
-        raise NotImplementedError(f"{type(self).__name__} gives a vision_pixel_module but no token layout for it.")
+        as the encoder point's capture. Only called where ``vision_pixel_module`` is not None. The default cuts
+        square patches of the vision config's ``patch_size`` in raster order, one per image token."""
+        size = self.model.config.vision_config.patch_size
+        patches = pixels.unfold(2, size, size).unfold(3, size, size)  # (T, 3, h, w, p, p)
+        return patches.permute(0, 2, 3, 1, 4, 5).flatten(3).flatten(1, 2)  # (T, h·w, 3·p·p), raster order
 
     def global_view(self, image: ImageLayout) -> Tensor | None:
         """(n,) bool over an image's prunable tokens, True for its whole-image view; None for a video. The default
