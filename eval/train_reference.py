@@ -80,6 +80,11 @@ class RecipeConfig:
     # (2-D sine-cosine, as MAE's ViT) or "default" (transformers' init: N(0, 0.02) for CLIP, zeros for InternViT,
     # i.e. almost no position signal in a tower trained from scratch).
     position_init: str = "sincos"
+    # Locality prior of the CLIP / InternViT towers' attention (run 4: their glyphs never learn, where Qwen's tower,
+    # windowed and with 2-D RoPE, learns them): with ``local_attention_gain`` > 0 every layer's query and key
+    # projections start as ``init_local_attention`` sets them (each head reads one band of the sine-cosine code, so
+    # q . k starts as a decaying function of patch distance); 0 keeps transformers' random init. Needs "sincos".
+    local_attention_gain: float = 0.0
     # Where InternVL's dense heads read: "tower" (each of the 32 x 32 patch features) or "merged" (the 16 x 16 pixel-
     # shuffled 2 x 2 groups its projector consumes, 4 sub-patch labels each, as Qwen's merged tokens are trained).
     dense_point: str = "tower"
@@ -119,6 +124,9 @@ class RecipeConfig:
                              "tokens, LLaVA's tower has no merge).")
         if self.position_init not in POSITION_INITS:
             raise ValueError(f"position_init must be one of {POSITION_INITS}, got {self.position_init!r}.")
+        if self.local_attention_gain < 0 or (self.local_attention_gain and self.position_init != "sincos"):
+            raise ValueError("local_attention_gain must be >= 0 and needs position_init='sincos' (the heads read "
+                             f"its code), got {self.local_attention_gain} with {self.position_init!r}.")
         if not 0 < self.drop_keep <= 1:
             raise ValueError(f"drop_keep must be in (0, 1], got {self.drop_keep}.")
         for name in ("dense_fraction", "decay_fraction", "shape_gate", "glyph_gate", "caption_share",
@@ -281,6 +289,39 @@ def init_sincos_positions(family: str, model: nn.Module) -> None:
         table.copy_(code.view(table.shape).to(table.dtype))
 
 
+def init_local_attention(family: str, model: nn.Module, gain: float) -> None:
+    """Start every attention layer of a fresh CLIP / InternViT tower local. ``sincos_2d`` lays out its code as
+    [sin rows, cos rows, sin columns, cos columns] over ``width / 4`` frequencies, high to low; head ``h`` of
+    ``heads`` gets the ``h``-th band of ``width / (4 heads)`` frequencies, and its query and key projections both pick
+    those channels (times ``gain``, zero bias). Then q_i . k_j ~ gain^2 sum_f [cos(w_f dr) + cos(w_f dc)] over the
+    position part of the tokens: head 0 (highest frequencies) attends to nearby patches, the last head broadly. The
+    content part of the tokens adds noise; every weight stays trainable. Qwen's tower (windowed, 2-D RoPE) is left
+    alone."""
+    if family == "qwen2_5_vl":
+        return
+    tower = model.model.vision_tower
+    vision = getattr(tower, "vision_model", tower)
+    config = model.config.vision_config
+    width, heads = config.hidden_size, config.num_attention_heads
+    head_dim = width // heads
+    if width % 4 or head_dim % 4:
+        raise ValueError(f"a local attention init needs width and head size divisible by 4, got {width} / {head_dim}.")
+    quarter, per_head = width // 4, head_dim // 4
+    rows = torch.arange(width)
+    head, slot = rows // head_dim, rows % head_dim
+    channel = (slot % 4) * quarter + head * per_head + slot // 4  # (part, frequency) of the code this row reads
+    weight = torch.zeros(width, width)
+    weight[rows, channel] = gain
+    layers = vision.encoder.layers if hasattr(vision.encoder, "layers") else vision.encoder.layer
+    with torch.no_grad():
+        for layer in layers:
+            attention = getattr(layer, "self_attn", None) or layer.attention
+            for proj in (attention.q_proj, attention.k_proj):
+                proj.weight.copy_(weight.to(proj.weight.dtype))
+                if proj.bias is not None:
+                    proj.bias.zero_()
+
+
 def dense_labels(family: str, task, scenes: list, grid: int, device, order: torch.Tensor | None = None
                  ) -> dict[str, torch.Tensor]:
     """Label maps per patch (N, grid * grid), or per merged token (N, tokens, 4): Qwen's 2 x 2 merge, or the slots
@@ -352,6 +393,8 @@ def train(config: RecipeConfig, out: Path, resume: Path | None = None) -> dict:
         model = model_cls._from_config(model_config, dtype=torch.float32)
         if config.position_init == "sincos":
             init_sincos_positions(config.family, model)
+        if config.local_attention_gain:
+            init_local_attention(config.family, model, config.local_attention_gain)
     if config.question_first:
         spec = dataclasses.replace(spec, question_first=True)
     model.to(device).train()

@@ -353,3 +353,34 @@ def test_internvl_merged_dense_labels_follow_the_pixel_shuffle(tmp_path):
     assert notes["steps"] >= 1
     with pytest.raises(ValueError, match="InternVL's option"):
         RecipeConfig(family="llava", dense_point="merged")
+
+
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_local_attention_init_makes_a_fresh_tower_attend_nearby(family):
+    """A fresh tower attends uniformly (mean distance ~ the grid's); with the local init head 0 attends within a few
+    patches and the lowest-frequency head stays broad."""
+    from vtprune.eval.train_reference import RecipeConfig, init_local_attention, init_sincos_positions
+
+    def mean_distance(gain):
+        torch.manual_seed(0)
+        model = _build(family)
+        model.config.vision_config._attn_implementation = "eager"
+        init_sincos_positions(family, model)
+        if gain:
+            init_local_attention(family, model, gain)
+        size = model.config.vision_config.image_size
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        side = size // model.config.vision_config.patch_size if family == "llava" else size // 14
+        with torch.no_grad():
+            out = model.model.vision_tower(pixel_values=0.5 * torch.randn(1, 3, size, size), output_attentions=True)
+        grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij"), -1)
+        dist = torch.cdist(grid.reshape(-1, 2).float(), grid.reshape(-1, 2).float())
+        first = out.attentions[0][0, :, 1:, 1:]
+        return (first / first.sum(-1, keepdim=True) * dist).sum(-1).mean(-1), dist.mean()
+
+    fresh, uniform = mean_distance(0.0)
+    local, _ = mean_distance(1.0)
+    assert fresh.min() > 0.9 * uniform
+    assert local[0] < 0.3 * uniform and local[-1] > local[0] + 3
+    with pytest.raises(ValueError, match="local_attention_gain"):
+        RecipeConfig(family=family, local_attention_gain=1.0, position_init="default")

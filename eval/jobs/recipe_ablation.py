@@ -51,6 +51,17 @@ VARIANTS: dict[str, dict] = {
     "dense-merged-w20": {"dense_fraction": 1.0, "object_weight": 20.0, "dense_point": "merged"},
     "dense-merged-w20-vlr1": {"dense_fraction": 1.0, "object_weight": 20.0, "dense_point": "merged",
                               "vision_lr_scale": 1.0},
+    # Run 4's second ablation: shape rises with weight 20 / full lr / merged read-out, glyphs never start (7-14%),
+    # where Qwen's windowed, 2-D-RoPE tower learns them. A locality prior at init (``init_local_attention``): at gain
+    # 1.0 head 0 of a fresh tower attends within ~2-3 patches, at 1.25 within ~0.5 and heads 1-2 at 8-12.
+    "dense-local1-w20-vlr1": {"dense_fraction": 1.0, "object_weight": 20.0, "vision_lr_scale": 1.0,
+                              "local_attention_gain": 1.0},
+    "dense-local1.25-w20-vlr1": {"dense_fraction": 1.0, "object_weight": 20.0, "vision_lr_scale": 1.0,
+                                 "local_attention_gain": 1.25},
+    "dense-merged-local1-w20-vlr1": {"dense_fraction": 1.0, "object_weight": 20.0, "dense_point": "merged",
+                                     "vision_lr_scale": 1.0, "local_attention_gain": 1.0},
+    "dense-merged-local1.25-w20-vlr1": {"dense_fraction": 1.0, "object_weight": 20.0, "dense_point": "merged",
+                                        "vision_lr_scale": 1.0, "local_attention_gain": 1.25},
 }
 DEFAULT_VARIANTS = ("base", "question-first-caption", "drop", "drop-no-caption")
 

@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drop-keep", type=float,
                         help="keep fraction at the start of the VQA token-drop curriculum (default: the recipe's)")
     parser.add_argument("--caption-share", type=float, help="share of caption items in VQA (default: the recipe's)")
+    parser.add_argument("--local-attention-gain", type=float,
+                        help="locality prior of a fresh CLIP / InternViT tower (default: the recipe's)")
+    parser.add_argument("--vision-lr-scale", type=float,
+                        help="the tower's learning rate relative to the LLM's (default: the recipe's)")
     parser.add_argument("--deadline", type=float, default=float("inf"),
                         help="seconds from the start after which no new evaluation row starts (rows left are marked)")
     args = parser.parse_args(argv)
@@ -195,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                               resume=resume, evaluate=args.eval == "all", limit=args.limit, deadline=deadline,
                               recipe={"batch": args.batch, "batch_dense": args.batch_dense,
                                       "dense_fraction": args.dense_fraction, "drop_keep": args.drop_keep,
-                                      "caption_share": args.caption_share}))
+                                      "caption_share": args.caption_share,
+                                      "local_attention_gain": args.local_attention_gain,
+                                      "vision_lr_scale": args.vision_lr_scale}))
              for family in families]
     outcomes = fanout.run(tasks, jobs=len(tasks))
     merged = {"families": {o.name: o.value if o.ok else {"family": o.name, "error": o.error} for o in outcomes}}
