@@ -103,6 +103,14 @@ class RecipeConfig:
     # linearly to every token over ``drop_fraction`` of the planned VQA time. 1.0 = off.
     drop_keep: float = 1.0
     drop_fraction: float = 0.5
+    # Random token dropout of the VQA phase (run 5: a model trained on whole images only answered worse from the
+    # object oracle's 11% of the tokens than from a uniform lattice, i.e. it had learned to read the objects through
+    # background tokens and broke on any other subset): a share ``token_dropout`` of the VQA images show the LLM a
+    # random subset of their visual tokens, a fraction drawn log-uniformly in [``dropout_min_keep``, 1], by hiding
+    # the other tokens' keys in every LLM layer (``dropout_attention_mask``: original positions, nothing removed, so
+    # a step costs what a whole-image step costs). Unbiased: the subsets favour no selection rule. 0 = off.
+    token_dropout: float = 0.0
+    dropout_min_keep: float = 0.05
     seed: int = 0
     # Ablations only (``jobs.recipe_ablation``): a checkpoint trained with these is not a yardstick checkpoint.
     text_layers: int | None = None  # LLM depth instead of the spec's
@@ -129,8 +137,10 @@ class RecipeConfig:
                              f"its code), got {self.local_attention_gain} with {self.position_init!r}.")
         if not 0 < self.drop_keep <= 1:
             raise ValueError(f"drop_keep must be in (0, 1], got {self.drop_keep}.")
+        if not 0 < self.dropout_min_keep <= 1:
+            raise ValueError(f"dropout_min_keep must be in (0, 1], got {self.dropout_min_keep}.")
         for name in ("dense_fraction", "decay_fraction", "shape_gate", "glyph_gate", "caption_share",
-                     "drop_fraction"):
+                     "drop_fraction", "token_dropout"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
 
@@ -156,6 +166,38 @@ class CurriculumDrop(accuracy.ObjectOracle):
         order, background = self._ranked(on_object, asked)
         background = background[torch.randperm(background.numel(), device=background.device)]
         return torch.cat((order, background))[: image.budget]
+
+
+def dropout_attention_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor, visual_ids: torch.Tensor,
+                           share: float, min_keep: float, generator: torch.Generator | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 4-D attention mask of a token-dropout step (``RecipeConfig.token_dropout``) and the hidden tokens.
+
+    Each image (a maximal run of visual tokens in a row) is, with probability ``share``, shown as a random subset:
+    a fraction f ~ log-uniform[min_keep, 1] of its tokens, each kept independently with probability f. A hidden
+    token's key is masked in every query row but its own, so no row is ever fully masked (no NaN from the attention
+    softmax) and every kept token keeps its original position.
+
+    Returns:
+        (mask, hidden): mask (B, 1, L, L) bool, True = may attend (causal, padding-aware), as transformers takes a
+        prepared 4-D mask as is; hidden (B, L) bool.
+    """
+    batch, length = input_ids.shape
+    device = input_ids.device
+    visual = torch.isin(input_ids, visual_ids.to(device))
+    starts = visual & ~torch.nn.functional.pad(visual, (1, 0))[:, :-1]
+    run = torch.cumsum(starts.reshape(-1).long(), 0).reshape(batch, length) - 1  # image index over the batch
+    images = int(starts.sum())
+    draw = torch.rand(images, generator=generator).to(device)
+    fraction = torch.exp(torch.rand(images, generator=generator).to(device) * math.log(min_keep))
+    fraction = torch.where(draw < share, fraction, torch.ones_like(fraction))
+    token_draw = torch.rand(batch, length, generator=generator).to(device)
+    hidden = visual & (token_draw >= fraction[run.clamp(min=0)])
+    key_ok = attention_mask.bool() & ~hidden
+    positions = torch.arange(length, device=device)
+    causal = positions[None, :] <= positions[:, None]
+    mask = (causal[None] & key_ok[:, None, :]) | torch.eye(length, dtype=torch.bool, device=device)[None]
+    return mask[:, None], hidden
 
 
 class DenseHeads(nn.Module):
@@ -561,6 +603,17 @@ def _vqa_step(config: RecipeConfig, spec, model, heads, items, device, keep: flo
         # copy, since transformers then overwrites the output's pooler_output with the projected features.
         hooks.append(inner.model.vision_tower.register_forward_hook(
             lambda module, args, out: towers.append(copy.copy(out))))
+    if config.token_dropout > 0:
+        # The LLM's own call gets the 4-D mask; the outer model still sees the 2-D one (Qwen's M-RoPE index reads it).
+        mask, _ = dropout_attention_mask(batch["input_ids"], batch["attention_mask"],
+                                         accuracy.visual_token_ids(inner), config.token_dropout,
+                                         config.dropout_min_keep)
+
+        def _swap_mask(module, args, kwargs):
+            kwargs["attention_mask"] = mask
+            return args, kwargs
+
+        hooks.append(inner.model.language_model.register_forward_pre_hook(_swap_mask, with_kwargs=True))
     engine = None
     if keep < 1:
         drop = CurriculumDrop(accuracy.OracleConfig(keep=keep), spec)

@@ -384,3 +384,66 @@ def test_local_attention_init_makes_a_fresh_tower_attend_nearby(family):
     assert local[0] < 0.3 * uniform and local[-1] > local[0] + 3
     with pytest.raises(ValueError, match="local_attention_gain"):
         RecipeConfig(family=family, local_attention_gain=1.0, position_init="default")
+
+
+def test_token_dropout_mask_hides_only_visual_keys_and_never_a_whole_row():
+    from vtprune.eval import train_reference as tr
+
+    visual = torch.tensor([9])
+    ids = torch.tensor([[0, 0, 1, 9, 9, 9, 9, 2, 9, 9, 9, 3], [1, 9, 9, 9, 9, 9, 9, 2, 3, 4, 5, 6]])
+    attention = (ids != 0).long()
+    none, hidden = tr.dropout_attention_mask(ids, attention, visual, share=0.0, min_keep=0.05)
+    assert not hidden.any() and none.shape == (2, 1, 12, 12)
+    causal = torch.tril(torch.ones(12, 12, dtype=torch.bool))
+    expected = (causal[None] & attention.bool()[:, None, :]) | torch.eye(12, dtype=torch.bool)[None]
+    assert torch.equal(none[:, 0], expected)
+    generator = torch.Generator().manual_seed(0)
+    mask, hidden = tr.dropout_attention_mask(ids, attention, visual, share=1.0, min_keep=0.05, generator=generator)
+    assert hidden.any() and not (hidden & (ids != 9)).any()
+    eye = torch.eye(12, dtype=torch.bool)
+    assert not (mask[:, 0] & ~eye & hidden[:, None, :]).any()  # a hidden key is seen by no other row
+    assert mask[:, 0].any(-1).all()  # no fully masked row (left padding included)
+    kept = mask[:, 0] & ~eye
+    assert torch.equal(kept & ~hidden[:, None, :], kept) and torch.equal(kept, expected & ~eye & ~hidden[:, None, :])
+
+
+def test_token_dropout_step_ignores_hidden_tokens_and_equals_the_full_step_when_nothing_is_hidden():
+    import transformers
+
+    from vtprune.eval import train_reference as tr
+
+    spec = reference.get_family("llava", 2)
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration._from_config(reference.build_config(spec))
+    heads = torch.nn.ModuleDict({"dense": tr.DenseHeads(spec.task, 192)})
+    items = [synth_v2.make_item("val", c, 1) for c in ("colour", "incontext")]  # different lengths: left padding
+    full, _ = tr._vqa_step(tr.RecipeConfig(family="llava", global_weight_vqa=0.0), spec, model, heads, items, "cpu")
+    nothing = tr.RecipeConfig(family="llava", global_weight_vqa=0.0, token_dropout=1.0, dropout_min_keep=1.0)
+    assert float(tr._vqa_step(nothing, spec, model, heads, items, "cpu")[0]) == pytest.approx(float(full), rel=1e-5)
+
+    config = tr.RecipeConfig(family="llava", global_weight_vqa=0.0, token_dropout=1.0, dropout_min_keep=0.05)
+    torch.manual_seed(1)
+    dropped, _ = tr._vqa_step(config, spec, model, heads, items, "cpu")
+    assert abs(float(dropped) - float(full)) > 1e-4  # the hidden tokens changed what the answer reads
+    torch.manual_seed(1)  # the same draw, for the hidden tokens of this batch
+    batch = reference.encode(spec, items, with_answers=True)
+    _, hidden = tr.dropout_attention_mask(batch["input_ids"], batch["attention_mask"],
+                                          accuracy.visual_token_ids(model), 1.0, 0.05)
+    rows = hidden[torch.isin(batch["input_ids"], accuracy.visual_token_ids(model))]  # projector rows, in order
+
+    def noise(module, args, out):
+        out = out.clone()
+        out.reshape(-1, out.shape[-1])[rows] += 10 * torch.randn(int(rows.sum()), out.shape[-1])
+        return out
+
+    handle = model.model.multi_modal_projector.register_forward_hook(noise)
+    try:
+        torch.manual_seed(1)
+        noisy, _ = tr._vqa_step(config, spec, model, heads, items, "cpu")
+    finally:
+        handle.remove()
+    assert float(noisy) == pytest.approx(float(dropped), rel=1e-5)
+    with pytest.raises(ValueError, match="token_dropout"):
+        tr.RecipeConfig(family="llava", token_dropout=1.5)
+    with pytest.raises(ValueError, match="dropout_min_keep"):
+        tr.RecipeConfig(family="llava", dropout_min_keep=0.0)
