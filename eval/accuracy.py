@@ -32,7 +32,11 @@ CHANCE = {
 @torch.no_grad()
 def predict(model: Any, spec: reference.FamilySpec, items: list[synth.Item], blind: bool = False,
             before: Callable[[list[synth.Item]], None] | None = None) -> list[str]:
-    """First answer word for each item (greedy: argmax of the next-token logits)."""
+    """First answer word for each item (greedy: argmax of the next-token logits).
+
+    ``blind`` hides every visual token's key in the LLM (a 2-D mask) and, on version 2, takes the argmax over the
+    item's category answers only: v2 run 5's checkpoint, never shown an image-less prompt, answered off the answer
+    set and scored 0.0 everywhere, which says nothing about the prior the blind gate is there to bound."""
     device = next(model.parameters()).device
     batch = reference.encode(spec, items, device)
     if blind:
@@ -41,7 +45,18 @@ def predict(model: Any, spec: reference.FamilySpec, items: list[synth.Item], bli
     if before is not None:
         before(items)
     logits = model(**batch, logits_to_keep=1).logits[:, -1]
+    if blind and hasattr(spec.task, "ANSWERS"):
+        logits = restrict_to_answers(spec, items, logits)
     return reference.decode_answers(spec, logits.argmax(-1))
+
+
+def restrict_to_answers(spec: reference.FamilySpec, items: list[synth.Item], logits: Tensor) -> Tensor:
+    """``logits`` (B, vocab) with every word outside each item's category answers (``task.ANSWERS``) at -inf."""
+    ids = reference.vocab(spec)
+    allowed = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    for row, item in enumerate(items):
+        allowed[row, [ids[w] for w in spec.task.ANSWERS[item.category]]] = True
+    return logits.masked_fill(~allowed, float("-inf"))
 
 
 def visual_token_ids(model: Any) -> Tensor:

@@ -82,6 +82,17 @@ def test_v2_tiny_model_runs_every_category_in_one_batch():
     assert out.logits.shape[0] == len(items)
 
 
+def test_blind_answers_come_from_each_category_answer_set():
+    spec = reference.get_family("llava", 2)
+    model = _build("llava").eval()
+    items = [synth_v2.make_item("val", c, 0) for c in spec.categories]
+    guesses = accuracy.predict(model, spec, items, blind=True)
+    assert all(g in spec.task.ANSWERS[it.category] for g, it in zip(guesses, items, strict=True))
+    logits = torch.zeros(2, len(reference.vocab(spec)))
+    kept = accuracy.restrict_to_answers(spec, items[:2], logits).isfinite().sum(-1)
+    assert kept.tolist() == [len(spec.task.ANSWERS[it.category]) for it in items[:2]]
+
+
 def _image(n: int, budget: int, grid=(6, 6)) -> ImageTokens:
     return ImageTokens(0, 0, grid, torch.arange(n), None, None, budget)
 
