@@ -341,7 +341,7 @@ def dpp_kernel(batch: int, n: int, rank: int, device: str, seed: int) -> Tensor:
                                                            (2, 20, 4, 12)])
 def test_dpp_greedy(device: str, batch: int, n: int, rank: int, count: int, triton_path: list,
                     monkeypatch) -> None:
-    monkeypatch.setenv("VTPRUNE_TRITON_DPP", "1")
+    monkeypatch.delenv("VTPRUNE_TRITON_DPP", raising=False)  # the default: Triton where it can run
     kernel = dpp_kernel(batch, n, rank, device, seed=n)
     expected = reference.dpp_greedy(kernel, count)
     got = kernels.dpp_greedy(kernel, count)
@@ -352,11 +352,11 @@ def test_dpp_greedy(device: str, batch: int, n: int, rank: int, count: int, trit
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dpp_greedy_is_opt_in_and_rejects_bad_inputs(device: str, triton_path: list, monkeypatch) -> None:
+def test_dpp_greedy_opts_out_and_rejects_bad_inputs(device: str, triton_path: list, monkeypatch) -> None:
     kernel = dpp_kernel(2, 6, 3, device, seed=0)
-    monkeypatch.delenv("VTPRUNE_TRITON_DPP", raising=False)
+    monkeypatch.setenv("VTPRUNE_TRITON_DPP", "0")
     kernels.dpp_greedy(kernel, 2)
-    assert not triton_path, "without VTPRUNE_TRITON_DPP=1 the reference must run"
+    assert not triton_path, "with VTPRUNE_TRITON_DPP=0 the reference must run"
     with pytest.raises(ValueError, match="count"):
         triton_kernels.dpp_greedy(kernel, 7)
     with pytest.raises(ValueError, match="float32"):

@@ -22,8 +22,9 @@ Sections (a failing case prints its traceback and the rest still run):
   0.11, B = 1 and 8, D = 4096.
 - ``syncs``: every call that makes the host wait for the GPU in one prefill per method (CUDA's sync debug mode),
   counted per source line of vtprune or the adapter ("transformers" where none is on the stack).
-- ``profile``: ``torch.profiler`` over one pruned prefill (uniform at the projector) and its ideal: GPU busy time,
-  host syncs, and the ops with the most host time, to explain the gap to the ideal.
+- ``profile``: ``torch.profiler`` over one pruned prefill of each case ``--cases`` selects (default: uniform at the
+  projector) and its own ideal: GPU busy time, kernel launches, host syncs, the ops with the most host time and the
+  kernels with the most device time, to explain the gap to the ideal.
 
 Times are medians of ``triton.testing.do_bench`` on CUDA (CUDA events), wall clock on CPU (smoke only: never a
 speed claim).
@@ -286,7 +287,10 @@ def bench_selection(report: Report, shapes: Shapes, device: torch.device) -> Non
     report.put("selection", "result", results)
 
 
-def bench_profile(report: Report, bench: Bench) -> None:
+def bench_profile(report: Report, bench: Bench, cases: tuple[str, ...] | None = None) -> None:
+    """``torch.profiler`` over one pruned prefill of each selected case (default: ``uniform@projector``) and over
+    its own ideal: GPU busy time, host syncs, the ops with the most host time and the GPU kernels with the most device
+    time, so the gap to the ideal can be attributed to what the method launches."""
     import vtprune
 
     if bench.device.type != "cuda":
@@ -295,38 +299,63 @@ def bench_profile(report: Report, bench: Bench) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     num_layers = len(bench.model.model.language_model.layers)
-    kept = max(1, round(KEEP * bench.image_tokens))
-    ideal = bench.ideal([kept] * num_layers)
-    results = {}
-    for label, fn in (("uniform@projector", bench.prefill), ("ideal", ideal)):
-        if label != "ideal":
-            vtprune.wrap(bench.model, "uniform", keep=KEEP)
-        try:
-            for _ in range(3):
-                fn()
+    results: dict[str, Any] = {}
+    report.put("profile", "result", results)
+
+    def profiled(fn) -> dict[str, Any]:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
             torch.cuda.synchronize()
-            started = time.perf_counter()
-            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                fn()
-                torch.cuda.synchronize()
-            wall = (time.perf_counter() - started) * 1e3
-        finally:
-            if vtprune.is_wrapped(bench.model):
-                vtprune.unwrap(bench.model)
+        wall = (time.perf_counter() - started) * 1e3
         events = prof.key_averages()
-        device_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
+
+        def device_us(e) -> float:
+            return getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+
         syncs = {e.key: e.count for e in events
                  if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense",
                               "aten::item", "cudaMemcpyAsync", "aten::nonzero")}
-        top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
-        results[label] = {
+        host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+        kernels = sorted((e for e in events if device_us(e) > 0), key=device_us, reverse=True)[:15]
+        launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel",
+                                                              "cudaLaunchKernelExC"))
+        return {
             "wall_ms_profiled": round(wall, 2),
-            "device_busy_ms": round(device_us / 1e3, 2),
+            "device_busy_ms": round(sum(device_us(e) for e in events) / 1e3, 2),
+            "kernel_launches": launches,
             "host_syncs": syncs,
             "top_host_ops": [{"op": e.key, "count": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3)}
-                             for e in top],
+                             for e in host],
+            "top_device_ops": [{"op": e.key, "count": e.count, "self_device_ms": round(device_us(e) / 1e3, 3)}
+                               for e in kernels],
         }
-        report.row(f"profile {label}", f"{device_us / 1e3:,.2f} ms GPU", f"wall {wall:,.2f} ms (profiled); {syncs}")
+
+    for label, method, options in method_cases(num_layers):
+        if not selected(label, cases or ("uniform@projector",)):
+            continue
+        if infeasible(bench.model, method, options) is not None:
+            continue
+
+        def case(label=label, method=method, options=options) -> None:
+            vtprune.wrap(bench.model, method, keep=KEEP, **options)
+            try:
+                bench.prefill()
+                counts = bench.model.vtprune.last_stats["samples"][0]["tokens_per_layer"]
+                pruned = profiled(bench.prefill)
+            finally:
+                vtprune.unwrap(bench.model)
+            ideal = profiled(bench.ideal(counts))
+            results[label] = {"pruned": pruned, "ideal": ideal}
+            report.row(f"profile {label}", f"{pruned['device_busy_ms']:,.2f} ms GPU",
+                       f"ideal {ideal['device_busy_ms']:,.2f} ms GPU; launches {pruned['kernel_launches']} vs "
+                       f"{ideal['kernel_launches']}; wall {pruned['wall_ms_profiled']:,.1f} vs "
+                       f"{ideal['wall_ms_profiled']:,.1f} ms (profiled); syncs {pruned['host_syncs']}")
+
+        report.guard(f"profile/{label}", case)
     report.put("profile", "result", results)
 
 
@@ -389,15 +418,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated subset of methods,selection,profile,syncs")
     parser.add_argument("--rounds", type=int, default=3,
                         help="interleaved rounds of (method, its ideal, unpruned) per case; medians are reported")
-    parser.add_argument("--cases", help="comma-separated prefixes of the method cases to time and to count syncs of "
-                        "(default: all), e.g. 'todre,uniform@projector'")
+    parser.add_argument("--cases", help="comma-separated prefixes of the method cases to time, count syncs of and "
+                        "profile (default: all; profile: uniform@projector), e.g. 'todre,uniform@projector'")
     args = parser.parse_args(argv)
     cases = tuple(c.strip() for c in args.cases.split(",")) if args.cases else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.smoke:
         parser.error("without a GPU only --smoke makes sense (CPU times are no speed claim)")
     shapes = SMOKE if args.smoke else FULL
-    command = "python -m vtprune.eval.benches.prefill " + " ".join(argv if argv is not None else sys.argv[1:])
+    env = "".join(f"{k}={v} " for k, v in sorted(os.environ.items()) if k.startswith("VTPRUNE_"))
+    command = env + "python -m vtprune.eval.benches.prefill " + " ".join(argv if argv is not None else sys.argv[1:])
     meta = run_meta(device, args.smoke, date=time.strftime("%Y-%m-%d"), command=command)
     report = Report(args.out, meta)
     print(json.dumps(meta), flush=True)
@@ -415,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "syncs":
             report.run(name, lambda: bench_syncs(report, bench, cases))
         else:
-            report.run(name, lambda: bench_profile(report, bench))
+            report.run(name, lambda: bench_profile(report, bench, cases))
     report.put("total", "seconds", round(time.perf_counter() - total, 1))
     report.save()
     report.table()
