@@ -454,7 +454,31 @@ def test_token_dropout_step_ignores_hidden_tokens_and_equals_the_full_step_when_
     finally:
         handle.remove()
     assert float(noisy) == pytest.approx(float(dropped), rel=1e-5)
+    enriched = tr.RecipeConfig(family="llava", global_weight_vqa=0.0, token_dropout=1.0, dropout_enriched=1.0)
+    assert torch.isfinite(tr._vqa_step(enriched, spec, model, heads, items, "cpu")[0])
     with pytest.raises(ValueError, match="token_dropout"):
         tr.RecipeConfig(family="llava", token_dropout=1.5)
     with pytest.raises(ValueError, match="dropout_min_keep"):
         tr.RecipeConfig(family="llava", dropout_min_keep=0.0)
+    with pytest.raises(ValueError, match="dropout_enriched"):
+        tr.RecipeConfig(family="llava", dropout_enriched=-0.1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_object_tokens_follow_the_oracle_coverage_and_enriched_dropout_keeps_them(family):
+    from vtprune.eval import train_reference as tr
+
+    spec = reference.get_family(family, 2)
+    model = _build(family)
+    categories = [c for c in ("count", "incontext", "motion") if c in spec.categories]
+    items = [synth_v2.make_item("val", c, 2) for c in categories]
+    batch = reference.encode(spec, items)
+    visual = accuracy.visual_token_ids(model)
+    on = tr.object_tokens(spec, items, batch["input_ids"], visual)
+    assert on.any() and not (on & ~torch.isin(batch["input_ids"], visual)).any()
+    first = accuracy.token_coverage(spec, items[0].images, accuracy.token_side(spec), "cpu")[0].flatten() >= 0.2
+    assert torch.equal(on[0][torch.isin(batch["input_ids"][0], visual)], first)
+    generator = torch.Generator().manual_seed(0)
+    _, hidden = tr.dropout_attention_mask(batch["input_ids"], batch["attention_mask"], visual, 1.0, 0.05,
+                                          generator=generator, protected=on, enriched=1.0)
+    assert hidden.any() and not (hidden & on).any()

@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep fraction at the start of the VQA token-drop curriculum (default: the recipe's)")
     parser.add_argument("--token-dropout", type=float,
                         help="share of VQA images shown as a random subset of their tokens (default: the recipe's)")
+    parser.add_argument("--dropout-enriched", type=float,
+                        help="share of dropped-out images that keep all their object tokens (default: the recipe's)")
     parser.add_argument("--caption-share", type=float, help="share of caption items in VQA (default: the recipe's)")
     parser.add_argument("--local-attention-gain", type=float,
                         help="locality prior of a fresh CLIP / InternViT tower (default: the recipe's)")
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                               recipe={"batch": args.batch, "batch_dense": args.batch_dense,
                                       "dense_fraction": args.dense_fraction, "drop_keep": args.drop_keep,
                                       "token_dropout": args.token_dropout,
+                                      "dropout_enriched": args.dropout_enriched,
                                       "caption_share": args.caption_share,
                                       "local_attention_gain": args.local_attention_gain,
                                       "vision_lr_scale": args.vision_lr_scale}))
