@@ -10,6 +10,9 @@ phase of ``train_reference`` does), evaluates the same settings again and writes
 training log and the timings. ``--save DIR`` also writes the merged checkpoint. Any registered method works; ADSC
 (uniform down-sampling at several LLM layers) is the one this job was written for.
 
+For a method with learned heads (ATP) the LLM stays frozen and the heads train under soft masks; the trained
+config goes to ``--config-out`` and "after" is measured with it.
+
 Tiny settings run on CPU as a smoke test: ``--steps 2 --limit 2 --batch 2 --categories colour``.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
 import time
 from collections.abc import Iterator
 from importlib.metadata import version
@@ -125,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--categories", help="comma-separated categories (default: every category of the family)")
     parser.add_argument("--out", type=Path, required=True, help="the JSON file to write")
     parser.add_argument("--save", type=Path, help="also write the merged checkpoint to this folder")
+    parser.add_argument("--config-out", type=Path,
+                        help="methods with learned heads (atp): write the trained method config here (loads with "
+                             "vtprune.wrap(model, path); keep = the curriculum's first)")
+    parser.add_argument("--temperature", type=float, default=DEFAULTS.head_temperature,
+                        help="methods with learned heads: sharpness of the soft masks")
+    parser.add_argument("--budget-weight", type=float, default=DEFAULTS.budget_weight,
+                        help="methods with learned heads: weight of the budget loss")
     args = parser.parse_args(argv)
 
     import transformers
@@ -140,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"categories {unknown} are not in the {spec.name} family's {list(spec.categories)}.")
     options = dict(args.option)
     config = TrainConfig(keeps=args.keeps, curriculum=args.curriculum, steps=args.steps, lr=args.lr,
-                         warmup_steps=args.warmup, budget=args.budget, seed=args.seed)
+                         warmup_steps=args.warmup, budget=args.budget, seed=args.seed,
+                         head_temperature=args.temperature, budget_weight=args.budget_weight)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model_cls = getattr(transformers, spec.model_class)
     model = model_cls.from_pretrained(args.checkpoint, dtype=torch.float32).to(device).eval()
@@ -153,11 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     # items the checkpoint has not seen.
     data = training_batches(spec, categories, args.batch, args.seed + 1, device)
     result = vtprune.train(model, args.method, data, config=config, progress=True, **options)
+    if result.method_config is not None:
+        # Learned heads: the model is unchanged, the trained config is what "after" measures.
+        options["heads"] = result.method_config.heads
+        if args.config_out is not None:
+            args.config_out.parent.mkdir(parents=True, exist_ok=True)
+            result.method_config.save(args.config_out)
     after = run_measure()
+    options.pop("heads", None)
 
     record = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "versions": {name: version(name) for name in ("torch", "transformers", "peft", "accelerate", "vtprune")},
+        "command": "python -m vtprune.eval.train_adsc " + " ".join(argv if argv is not None else sys.argv[1:]),
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "method": args.method,
         "options": options,
@@ -170,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    if args.save is not None:
+    if args.save is not None and result.method_config is None:
         save(result.model, spec, args.save, {k: v for k, v in record.items() if k not in ("before", "after")})
     print(format_table(before, after, categories))
     print(f"wrote {args.out} (training {record['seconds']['train']} s, total {record['seconds']['total']} s)")

@@ -146,3 +146,83 @@ def test_search_space_names_valid_fields_and_ranges() -> None:
 def test_bad_options_raise(options, message) -> None:
     with pytest.raises((ValueError, TypeError), match=message):
         ATPConfig(keep=0.5, **options)
+
+
+# ------------------------------------------------------------------------------------------ learned threshold heads
+def _labelled_llava(model, seed: int = 0) -> dict[str, torch.Tensor]:
+    batch = FACTORIES["llava"].inputs(model, [Prompt(images=1, suffix=4), Prompt(images=1, prefix=6, suffix=4)],
+                                      seed=seed)
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, -3:] = batch["input_ids"][:, -3:]
+    return {**batch, "labels": labels}
+
+
+def test_zero_heads_are_the_training_free_rule() -> None:
+    from vtprune.pruners.atp import HEAD_SIZE
+
+    factory = FACTORIES["llava"]
+    model = factory.build("sdpa")
+    inputs = factory.inputs(model, [Prompt(images=1), Prompt(images=1, prefix=4)], seed=2)
+    kept = []
+    for heads in (None, [[0.0] * HEAD_SIZE] * 3):
+        with torch.no_grad():
+            vtprune.wrap(model, "atp", keep=0.5, heads=heads)
+            logits = model(**inputs).logits
+            kept.append(([list(k) for s in model.vtprune.last_stats["samples"] for st in s["stages"]
+                          for k in st["kept"]], logits))
+            vtprune.unwrap(model)
+    assert kept[0][0] == kept[1][0]
+    torch.testing.assert_close(kept[0][1], kept[1][1])
+
+
+def test_heads_config_is_checked() -> None:
+    from vtprune.pruners.atp import HEAD_SIZE
+
+    with pytest.raises(ValueError, match="finite numbers"):
+        ATPConfig(keep=0.5, heads=[[0.0] * (HEAD_SIZE - 1)])
+    with pytest.raises(ValueError, match="counts='threshold'"):
+        ATPConfig(keep=0.5, counts="fixed", heads=[[0.0] * HEAD_SIZE])
+    model = FACTORIES["llava"].build("sdpa")
+    with pytest.raises(ValueError, match="learned threshold heads"):
+        vtprune.wrap(model, "atp", keep=0.5, heads=[[0.0] * HEAD_SIZE])  # 1 head, 3 modules on 4 layers
+
+
+def test_soft_masks_let_the_lm_loss_train_the_heads(tmp_path) -> None:
+    from vtprune.pruners.atp import SoftATP, ThresholdHead
+    from vtprune.training import TrainConfig, visual_token_ids
+
+    model = FACTORIES["llava"].build("sdpa")
+    batch = _labelled_llava(model)
+    # With every head at zero and a very sharp mask, the soft forward equals the hard training-free drop's
+    # survivors weighted 0/1, so its mean kept share is near the stage targets.
+    heads = SoftATP.new_heads(model, ATPConfig(keep=0.5))
+    soft = SoftATP(model, ATPConfig(keep=0.5), visual_token_ids(model), heads, temperature=50.0)
+    try:
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        soft.remove()
+    assert torch.isfinite(out.logits).all()
+    targets = [share for share, _ in ATPPruner(ATPConfig(keep=0.5)).targets(4).values()]
+    for kept, target in zip(soft.kept_shares(), targets, strict=True):
+        assert abs(kept - target) < 0.2, (soft.kept_shares(), targets)
+
+    # The LM loss alone (budget weight 0) moves the heads: the gradient reaches them through the attention bias.
+    config = TrainConfig(keeps=(0.5,), steps=3, lr=1e-2, warmup_steps=0, budget_weight=0.0, log_every=1)
+    result = vtprune.train(model, "atp", [batch], config=config, progress=False)
+    assert result.model is model and not vtprune.is_wrapped(model)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not [name for name, m in model.named_modules() if m._forward_pre_hooks]
+    trained = result.method_config
+    assert trained is not None and trained.heads is not None and len(trained.heads) == 3
+    assert any(any(v != 0.0 for v in ThresholdHead.from_flat(flat).out.weight.flatten().tolist())
+               for flat in trained.heads), "no gradient reached the heads"
+    assert {"lm_loss", "budget_loss", "kept"} <= set(result.log[0])
+
+    path = tmp_path / "atp.json"
+    trained.replace(keep=0.5).save(path)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        vtprune.wrap(model, str(path))
+        model(**inputs)
+    assert model.vtprune.pruner.config.heads == trained.heads
+    vtprune.unwrap(model)

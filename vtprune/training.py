@@ -20,6 +20,7 @@ stays light.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from vtprune.api import is_wrapped, unwrap, wrap
-from vtprune.config import BUDGETS
+from vtprune.config import BUDGETS, PrunerConfig
 from vtprune.registry import get_adapter_class, get_pruner_class
 
 logger = logging.getLogger("vtprune")
@@ -76,6 +77,9 @@ class TrainConfig:
         max_grad_norm: gradient-norm clipping threshold, > 0.
         log_every: steps between entries of ``TrainResult.log`` (the first step and the last step of every phase
             are logged too).
+        head_temperature: methods with learned heads (atp) only: the sharpness T of the soft masks σ((s − θ)·T)
+            that stand in for the hard drops while the heads train, > 0.
+        budget_weight: methods with learned heads only: weight of the budget loss next to the LM loss, >= 0.
     """
 
     keeps: tuple[float, ...] = (0.11, 0.22, 0.33)
@@ -91,6 +95,8 @@ class TrainConfig:
     seed: int = 0
     max_grad_norm: float = 1.0
     log_every: int = 10
+    head_temperature: float = 5.0
+    budget_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.keeps, (str, bytes)) or not isinstance(self.keeps, Iterable):
@@ -143,6 +149,10 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm must be a positive number, got {self.max_grad_norm!r}.")
         if not _is_int(self.log_every) or self.log_every < 1:
             raise ValueError(f"log_every must be a positive integer, got {self.log_every!r}.")
+        if not _is_number(self.head_temperature) or not self.head_temperature > 0:
+            raise ValueError(f"head_temperature must be a positive number, got {self.head_temperature!r}.")
+        if not _is_number(self.budget_weight) or not self.budget_weight >= 0:
+            raise ValueError(f"budget_weight must be a number >= 0, got {self.budget_weight!r}.")
 
     def schedule(self) -> list[float]:
         """The keep ratio of every optimizer step, in order (``steps`` entries)."""
@@ -179,6 +189,9 @@ class TrainResult:
         seconds: wall-clock seconds of the whole call.
         steps: optimizer steps taken.
         config: the TrainConfig used.
+        method_config: for methods with learned heads (atp), the method's config carrying the trained heads, at the
+            curriculum's first keep: ``result.method_config.replace(keep=0.11).save(path)`` writes a file that
+            ``vtprune.wrap(model, path)`` loads. None after a LoRA fine-tune.
     """
 
     model: nn.Module
@@ -186,6 +199,7 @@ class TrainResult:
     seconds: float
     steps: int
     config: TrainConfig
+    method_config: PrunerConfig | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------- loss
@@ -401,6 +415,9 @@ def train(
     # A dry install per keep rejects bad options, insertion points and budgets before the model is touched.
     for keep in sorted(set(config.keeps)):
         unwrap(wrap(model, method, keep=keep, budget=config.budget, **options))
+    soft_trainer = getattr(get_pruner_class(method), "soft_trainer", None)
+    if soft_trainer is not None:
+        return _train_heads(model, method, soft_trainer, data, config, progress, options, started)
     try:
         import peft
         from accelerate import Accelerator
@@ -486,3 +503,68 @@ def train(
     model.eval()
     return TrainResult(model=model, log=log, seconds=time.perf_counter() - started, steps=config.steps, config=config)
 
+
+
+def _train_heads(model: nn.Module, method: str, soft_trainer: Any, data: Any, config: TrainConfig, progress: bool,
+                 options: dict[str, Any], started: float) -> TrainResult:
+    """``train`` for a method with learned heads: the heads train with the LLM frozen, under the method's soft
+    masks (``soft_trainer``, e.g. ``vtprune.pruners.atp.SoftATP``), on the LM loss plus ``budget_weight`` x its
+    budget loss; the model itself is not changed."""
+    from tqdm.auto import tqdm
+
+    config_cls = get_pruner_class(method).config_cls
+    visual_ids = visual_token_ids(model)
+    stream = _batches(data)
+    first = next(stream)
+    _check_batch(first)
+    tail_length(first["input_ids"], first["labels"], visual_ids)
+    device = next(model.parameters()).device
+    schedule = config.schedule()
+    torch.manual_seed(config.seed)
+    initial = config_cls(keep=schedule[0], budget=config.budget, **options)
+    heads = soft_trainer.new_heads(model, initial).to(device)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    model.requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_scale)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    log: list[dict[str, Any]] = []
+    soft = None
+    current: float | None = None
+    try:
+        with tqdm(total=len(schedule), desc=f"vtprune train {method} heads", disable=not progress) as bar:
+            for step, keep in enumerate(schedule, start=1):
+                if keep != current:
+                    if soft is not None:
+                        soft.remove()
+                    method_config = config_cls(keep=keep, budget=config.budget, **options)
+                    soft = soft_trainer(model, method_config, visual_ids, heads, config.head_temperature)
+                    current = keep
+                batch = _move(first if step == 1 else next(stream), device)
+                with autocast:
+                    lm_loss = tail_forward(model, batch, visual_ids)[0]
+                budget_loss = soft.budget_loss()
+                loss = lm_loss.float() + config.budget_weight * budget_loss
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(heads.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                bar.update(1)
+                phase_end = step == len(schedule) or (config.curriculum != "mixed" and schedule[step] != keep)
+                if step == 1 or step % config.log_every == 0 or phase_end:
+                    log.append({"step": step, "keep": keep, "loss": float(loss.detach()),
+                                "lm_loss": float(lm_loss.detach()), "budget_loss": float(budget_loss.detach()),
+                                "kept": soft.kept_shares()})
+                    bar.set_postfix(keep=keep, lm=f"{log[-1]['lm_loss']:.4f}", budget=f"{log[-1]['budget_loss']:.4f}")
+    finally:
+        if soft is not None:
+            soft.remove()
+        for name, param in model.named_parameters():
+            param.requires_grad_(requires_grad.get(name, param.requires_grad))
+        model.train(was_training)
+    model.eval()
+    trained = soft_trainer.export(heads, initial)
+    return TrainResult(model=model, log=log, seconds=time.perf_counter() - started, steps=config.steps,
+                       config=config, method_config=trained)
