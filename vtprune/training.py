@@ -528,7 +528,18 @@ def _train_heads(model: nn.Module, method: str, soft_trainer: Any, data: Any, co
     model.requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_scale)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # The soft masks are a float attention bias that needs a gradient; the memory-efficient kernel's backward
+        # refuses some of those shapes ("LSE is not correctly aligned"), the math kernel takes every shape.
+        def autocast():
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
+            stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+            return stack
+    else:
+        autocast = contextlib.nullcontext
     log: list[dict[str, Any]] = []
     soft = None
     current: float | None = None
@@ -542,7 +553,7 @@ def _train_heads(model: nn.Module, method: str, soft_trainer: Any, data: Any, co
                     soft = soft_trainer(model, method_config, visual_ids, heads, config.head_temperature)
                     current = keep
                 batch = _move(first if step == 1 else next(stream), device)
-                with autocast:
+                with autocast():
                     lm_loss = tail_forward(model, batch, visual_ids)[0]
                 budget_loss = soft.budget_loss()
                 loss = lm_loss.float() + config.budget_weight * budget_loss
