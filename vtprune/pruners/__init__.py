@@ -8,6 +8,7 @@ from vtprune.pruners import (  # noqa: F401
     dart,
     divprune,
     fastv,
+    mustdrop,
     pdrop,
     random,
     sparsevlm,
