@@ -188,6 +188,7 @@ def test_heads_config_is_checked() -> None:
 
 
 def test_soft_masks_let_the_lm_loss_train_the_heads(tmp_path) -> None:
+    from vtprune.engine.probe import make_probe
     from vtprune.pruners.atp import SoftATP, ThresholdHead
     from vtprune.training import TrainConfig, visual_token_ids
 
@@ -196,7 +197,8 @@ def test_soft_masks_let_the_lm_loss_train_the_heads(tmp_path) -> None:
     # With every head at zero and a very sharp mask, the soft forward equals the hard training-free drop's
     # survivors weighted 0/1, so its mean kept share is near the stage targets.
     heads = SoftATP.new_heads(model, ATPConfig(keep=0.5))
-    soft = SoftATP(model, ATPConfig(keep=0.5), visual_token_ids(model), heads, temperature=50.0)
+    soft = SoftATP(model, ATPConfig(keep=0.5), visual_token_ids(model), heads, temperature=50.0,
+                   make_probe=make_probe)
     try:
         out = model(**{k: v for k, v in batch.items() if k != "labels"})
     finally:

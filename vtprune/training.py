@@ -512,6 +512,8 @@ def _train_heads(model: nn.Module, method: str, soft_trainer: Any, data: Any, co
     budget loss; the model itself is not changed."""
     from tqdm.auto import tqdm
 
+    from vtprune.engine.probe import make_probe
+
     config_cls = get_pruner_class(method).config_cls
     visual_ids = visual_token_ids(model)
     stream = _batches(data)
@@ -550,7 +552,8 @@ def _train_heads(model: nn.Module, method: str, soft_trainer: Any, data: Any, co
                     if soft is not None:
                         soft.remove()
                     method_config = config_cls(keep=keep, budget=config.budget, **options)
-                    soft = soft_trainer(model, method_config, visual_ids, heads, config.head_temperature)
+                    soft = soft_trainer(model, method_config, visual_ids, heads, config.head_temperature,
+                                        make_probe)
                     current = keep
                 batch = _move(first if step == 1 else next(stream), device)
                 with autocast():

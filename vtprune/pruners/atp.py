@@ -71,7 +71,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -458,9 +458,9 @@ class SoftATP:
     """
 
     def __init__(self, model: nn.Module, config: ATPConfig, visual_ids: Tensor, heads: nn.ModuleList,
-                 temperature: float) -> None:
-        from vtprune.engine.probe import make_probe
-
+                 temperature: float, make_probe: Any) -> None:
+        # make_probe: the engine's ``vtprune.engine.probe.make_probe``, passed in by ``vtprune.train`` (a pruner
+        # never imports the engine).
         self._make_probe = make_probe
         language_model = model.model.language_model
         self.layers = language_model.layers
