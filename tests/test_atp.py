@@ -228,3 +228,20 @@ def test_soft_masks_let_the_lm_loss_train_the_heads(tmp_path) -> None:
         model(**inputs)
     assert model.vtprune.pruner.config.heads == trained.heads
     vtprune.unwrap(model)
+
+
+def test_kept_counts_job_smoke(tmp_path) -> None:
+    import json
+
+    from vtprune.eval.jobs import kept_counts
+    from vtprune.pruners.atp import HEAD_SIZE
+
+    config = tmp_path / "zero_heads.json"
+    ATPConfig(keep=0.11, heads=[[0.0] * HEAD_SIZE] * 3).save(config)  # 3 modules on the 4-layer reference LLM
+    out = tmp_path / "counts.json"
+    assert kept_counts.main(["--heads-config", str(config), "--keeps", "0.22", "--per-category", "1",
+                             "--out", str(out)]) == 0
+    counts = json.loads(out.read_text())["counts"]
+    # Zero heads are the training-free rule: the same counts with and without them.
+    assert counts["zero_heads@0.22/tf"] == counts["zero_heads@0.22/trained"]
+    assert 0 < counts["zero_heads@0.22/tf"]["K_avg_mean"] < 576

@@ -114,3 +114,18 @@ def scale_to_average(shape: list[float], keep: float, layers: tuple[int, ...], n
         else:
             high = mid
     return scaled(high)
+
+
+def geometric_shares(keep: float, budget: str, decay: float, layers: tuple[int, ...], num_layers: int,
+                     infeasible: str) -> list[float]:
+    """Shares of each image's original tokens kept by stages at ``layers`` that shrink by ``decay`` from one to the
+    next: ``budget="input"``: keep, keep·decay, ...; ``"average"``: the same shape scaled so that ``layer_mean`` is
+    ``keep`` (``scale_to_average``). Raises ValueError(``infeasible``) when keep <= l₁/L under the average budget
+    (``infeasible`` may use {floor}: l₁/L)."""
+    shape = [decay**m for m in range(len(layers))]
+    if budget == "input":
+        return [keep * share for share in shape]
+    floor = layers[0] / num_layers
+    if keep <= floor:
+        raise ValueError(infeasible.format(floor=floor))
+    return scale_to_average(shape, keep, layers, num_layers)

@@ -76,7 +76,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from vtprune.budget import scale_to_average
+from vtprune.budget import geometric_shares
 from vtprune.config import PrunerConfig, layer_tuple, scaled_layers
 from vtprune.point import Point
 from vtprune.pruners.base import Pruner
@@ -199,17 +199,12 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
 
 def stage_targets(keep: float, budget: str, decay: float, layers: tuple[int, ...], num_layers: int) -> list[float]:
     """Share of each image's original tokens each stage keeps (on average, under ``counts="threshold"``)."""
-    shape = [decay**m for m in range(len(layers))]
-    if budget == "input":
-        return [keep * s for s in shape]
-    floor = layers[0] / num_layers
-    if keep <= floor:
-        raise ValueError(
-            f"keep={keep} under budget='average' cannot be met with the first atp module at layer {layers[0]} of "
-            f"{num_layers}: the layers before it alone use {floor:.3f} of the full budget. Raise keep, give an "
-            "earlier first module (layers=, e.g. starting at 1), or use budget='input'."
-        )
-    return scale_to_average(shape, keep, layers, num_layers)
+    return geometric_shares(
+        keep, budget, decay, layers, num_layers,
+        f"keep={keep} under budget='average' cannot be met with the first atp module at layer {layers[0]} of "
+        f"{num_layers}: the layers before it alone use "
+        "{floor:.3f} of the full budget. Raise keep, give an earlier first module (layers=, e.g. starting at 1), "
+        "or use budget='input'.")
 
 
 def standardise(x: Tensor, mask: Tensor) -> Tensor:

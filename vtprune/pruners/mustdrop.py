@@ -100,7 +100,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vtprune.budget import scale_to_average
+from vtprune.budget import geometric_shares
 from vtprune.config import AUTO, PrunerConfig, layer_tuple, scaled_layers
 from vtprune.point import ENTRY_KINDS, Point
 from vtprune.pruners.base import Pruner
@@ -219,17 +219,12 @@ def default_layers(num_layers: int) -> tuple[int, ...]:
 
 def stage_shares(keep: float, budget: str, decay: float, layers: tuple[int, ...], num_layers: int) -> list[float]:
     """``counts="budget"``: share of each image's original tokens each LLM stage keeps, shrinking by ``decay``."""
-    shape = [decay**m for m in range(len(layers))]
-    if budget == "input":
-        return [keep * share for share in shape]
-    if keep <= layers[0] / num_layers:
-        raise ValueError(
-            f"keep={keep} under budget='average' cannot be met with the first mustdrop stage at layer {layers[0]} "
-            f"of {num_layers}: the layers before it see every token (the merge aside) and alone use "
-            f"{layers[0] / num_layers:.3f} of the full budget. Raise keep, give an earlier first stage (layers=, "
-            "e.g. starting at 1), or use budget='input'."
-        )
-    return scale_to_average(shape, keep, layers, num_layers)
+    return geometric_shares(
+        keep, budget, decay, layers, num_layers,
+        f"keep={keep} under budget='average' cannot be met with the first mustdrop stage at layer {layers[0]} "
+        f"of {num_layers}: the layers before it see every token (the merge aside) and alone use "
+        "{floor:.3f} of the full budget. Raise keep, give an earlier first stage (layers=, "
+        "e.g. starting at 1), or use budget='input'.")
 
 
 def nearest_target(keep: float) -> int:
