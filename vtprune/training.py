@@ -504,7 +504,6 @@ def train(
     return TrainResult(model=model, log=log, seconds=time.perf_counter() - started, steps=config.steps, config=config)
 
 
-
 def _train_heads(model: nn.Module, method: str, soft_trainer: Any, data: Any, config: TrainConfig, progress: bool,
                  options: dict[str, Any], started: float) -> TrainResult:
     """``train`` for a method with learned heads: the heads train with the LLM frozen, under the method's soft
@@ -530,18 +529,16 @@ def _train_heads(model: nn.Module, method: str, soft_trainer: Any, data: Any, co
     model.requires_grad_(False).eval()
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_scale)
-    if device.type == "cuda":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    def autocast() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if device.type == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        # The soft masks are a float attention bias that needs a gradient; the memory-efficient kernel's backward
-        # refuses some of those shapes ("LSE is not correctly aligned"), the math kernel takes every shape.
-        def autocast():
-            stack = contextlib.ExitStack()
+            # The soft masks are a float attention bias that needs a gradient; the memory-efficient kernel's
+            # backward refuses some of those shapes ("LSE is not correctly aligned"), the math kernel takes every one.
             stack.enter_context(torch.autocast("cuda", dtype=torch.bfloat16))
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))
-            return stack
-    else:
-        autocast = contextlib.nullcontext
+        return stack
     log: list[dict[str, Any]] = []
     soft = None
     current: float | None = None
