@@ -290,7 +290,7 @@ class ATPPruner(Pruner):
         if ctx.attention_rows is None or ctx.attention_mask is None or ctx.text_mask is None:
             raise RuntimeError("atp needs the attention rows of layer K-1 from the engine (an 'llm:K' stage, K >= 1).")
         _, ratio = self.targets(ctx.num_layers)[ctx.layer]
-        scores = redundancy_scores(ctx)
+        scores = redundancy_scores(ctx, spreads=self.config.heads is not None)
         adaptive = self.config.counts == "threshold"
         head = self.head(ctx.layer, ctx.num_layers, ctx.device)
         # Expected count per image: ρ of its present tokens (threshold) or exactly the stage budget (fixed).
@@ -369,16 +369,18 @@ def log_scores(rows: Tensor, order: Tensor, valid: Tensor, slot: Tensor, text: T
     return log_self, torch.log(cross.clamp(min=TINY))
 
 
-def combine(log_self: Tensor, log_cross: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+def combine(log_self: Tensor, log_cross: Tensor, weight: Tensor, spreads: bool = True
+            ) -> tuple[Tensor, Tensor | None]:
     """S_r = z(log S_self) + z(log S_cross), z over ``weight`` (1 over the present tokens at inference, the soft
-    survival of the tokens in training), and the (2,) spreads (weighted std) of the two log scores."""
-    spread = torch.stack([weighted_std(log_self, weight), weighted_std(log_cross, weight)])
+    survival of the tokens in training), and the (2,) spreads (weighted std) of the two log scores (None unless
+    ``spreads``: only the learned heads read them)."""
+    spread = torch.stack([weighted_std(log_self, weight), weighted_std(log_cross, weight)]) if spreads else None
     return standardise(log_self, weight) + standardise(log_cross, weight), spread
 
 
-def redundancy_scores(ctx: PruneContext) -> list[tuple[Tensor, Tensor]]:
-    """Per image, ((n,) fp32 S_r of its present tokens, (2,) spreads of its log scores), from one probe call whose
-    queries are, per sample, its visual and text tokens from its first visual token on."""
+def redundancy_scores(ctx: PruneContext, spreads: bool = False) -> list[tuple[Tensor, Tensor | None]]:
+    """Per image, ((n,) fp32 S_r of its present tokens, (2,) spreads of its log scores or None unless ``spreads``),
+    from one probe call whose queries are, per sample, its visual and text tokens from its first visual token on."""
     mask, text = ctx.attention_mask.bool(), ctx.text_mask
     batch, length = mask.shape
     visual = torch.zeros(batch, length, dtype=torch.bool, device=mask.device)
@@ -390,7 +392,7 @@ def redundancy_scores(ctx: PruneContext) -> list[tuple[Tensor, Tensor]]:
     for image in ctx.images:
         b = image.sample
         log_self, log_cross = log_scores(rows[b], order[b], valid[b], slot[b], text[b], image.positions, length)
-        out.append(combine(log_self, log_cross, torch.ones_like(log_self)))
+        out.append(combine(log_self, log_cross, torch.ones_like(log_self), spreads))
     return out
 
 
